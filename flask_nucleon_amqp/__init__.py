@@ -1,0 +1,54 @@
+"""flask_nucleon_amqp: pooled, gevent-native AMQP (RabbitMQ) connections for Flask, built on puka."""
+
+from __future__ import annotations
+
+from .config import PoolSettings
+from .connection import PukaConnection
+from .exceptions import (
+    AccessRefused,
+    AMQPError,
+    AuthenticationError,
+    ChannelError,
+    ConfigError,
+    ConnectionBlocked,
+    ConnectionError,
+    ConnectionLost,
+    MessageStateError,
+    NotFound,
+    PreconditionFailed,
+    PublishNacked,
+    ResourceLocked,
+    Timeout,
+    Unroutable,
+    VhostNotAllowed,
+)
+from .extension import AMQP, AMQPState
+from .message import Message
+from .pool import Pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AMQP",
+    "AMQPState",
+    "Pool",
+    "PoolSettings",
+    "PukaConnection",
+    "Message",
+    "AMQPError",
+    "ConfigError",
+    "ConnectionError",
+    "ConnectionLost",
+    "AuthenticationError",
+    "VhostNotAllowed",
+    "ChannelError",
+    "NotFound",
+    "AccessRefused",
+    "ResourceLocked",
+    "PreconditionFailed",
+    "Unroutable",
+    "PublishNacked",
+    "Timeout",
+    "ConnectionBlocked",
+    "MessageStateError",
+]

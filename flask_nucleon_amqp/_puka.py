@@ -1,0 +1,484 @@
+"""The one place that fixes puka 0.0.8 on Python 3.
+
+puka is pinned at 0.0.8 and is not forked: its defects are mended here by a
+subclass of :class:`puka.Client` plus a few single-function patches of puka's
+module globals, applied once on import. Each fix names the defect it mends
+(numbering of the project's puka notes: D1 ... D27) and has a test in
+``tests/test_puka_fixes.py``.
+
+Nothing here does I/O of its own or knows about gevent: :mod:`.connection`
+drives a :class:`FixedClient`.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import decimal
+import logging
+import socket
+import ssl
+from struct import pack, unpack_from
+from typing import Any
+
+import puka
+from puka import channel as puka_channel
+from puka import compat as puka_compat
+from puka import exceptions as puka_exceptions
+from puka import machine as puka_machine
+from puka import promise as puka_promise
+from puka import spec as puka_spec
+from puka import table as puka_table
+from puka.client import machine_decorator
+
+from .exceptions import PublishNacked
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FixedClient", "ConnectionBroken", "encode_table", "shortstr", "encode_properties", "PROPERTY_NAMES"]
+
+ConnectionBroken = puka_exceptions.ConnectionBroken
+
+
+# --- Strings and tables --------------------------------------------------------------------
+
+
+def shortstr(value: Any, name: str) -> bytes:
+    """Encode an AMQP short string (names, routing keys, string properties) as UTF-8.
+
+    puka packs ``len()`` of a str, which counts characters, not bytes (D4);
+    handing it bytes makes its lengths right.
+    """
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+    elif isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    else:
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if len(data) > 255:
+        raise ValueError(f"{name} is {len(data)} bytes long; AMQP allows at most 255")
+    return data
+
+
+def _lenient_as_str(obj: Any) -> Any:
+    """Decode received bytes as UTF-8, keeping them as bytes when they are not (D5)."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(obj).decode("utf-8")
+        except UnicodeDecodeError:
+            return bytes(obj)
+    return obj
+
+
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _encode_value(parts: list[bytes], value: Any, where: str) -> None:
+    if value is None:
+        parts.append(b"V")
+    elif isinstance(value, str):
+        data = value.encode("utf-8")
+        parts.append(pack(">cI", b"S", len(data)))
+        parts.append(data)
+    elif isinstance(value, (bytes, bytearray)):
+        parts.append(pack(">cI", b"S", len(value)))
+        parts.append(bytes(value))
+    elif isinstance(value, bool):
+        parts.append(b"t\x01" if value else b"t\x00")
+    elif isinstance(value, int):
+        if _INT32[0] <= value <= _INT32[1]:
+            parts.append(pack(">ci", b"I", value))
+        elif _INT64[0] <= value <= _INT64[1]:
+            parts.append(pack(">cq", b"l", value))
+        else:
+            raise ValueError(f"{where}: integer {value} does not fit in 64 bits")
+    elif isinstance(value, float):
+        parts.append(pack(">cd", b"d", value))
+    elif isinstance(value, decimal.Decimal):
+        sign, digits, exponent = value.as_tuple()
+        if not isinstance(exponent, int):
+            raise ValueError(f"{where}: {value} is not a finite decimal")
+        places = max(0, -exponent)
+        raw = int(value.scaleb(places))
+        if places > 255 or not _INT32[0] <= raw <= _INT32[1]:
+            raise ValueError(f"{where}: decimal {value} does not fit AMQP's 32-bit decimal")
+        parts.append(pack(">cBi", b"D", places, raw))
+    elif isinstance(value, datetime.datetime):
+        seconds = calendar.timegm(value.utctimetuple())
+        parts.append(pack(">cQ", b"T", seconds))
+    elif isinstance(value, dict):
+        parts.append(b"F")
+        parts.append(encode_table(value, where))
+    elif isinstance(value, (list, tuple)):
+        items: list[bytes] = []
+        for i, item in enumerate(value):
+            _encode_value(items, item, f"{where}[{i}]")
+        data = b"".join(items)
+        parts.append(pack(">cI", b"A", len(data)))
+        parts.append(data)
+    else:
+        raise TypeError(f"{where}: cannot send a value of type {type(value).__name__} in an AMQP table")
+
+
+def encode_table(table: dict[Any, Any] | None, where: str = "table") -> bytes:
+    """Encode a field table with byte lengths (D3), naming the offending key on error."""
+    if not table:
+        return b"\x00\x00\x00\x00"
+    parts: list[bytes] = []
+    for key, value in table.items():
+        name = shortstr(key, f"{where} key {key!r}")
+        parts.append(pack("B", len(name)))
+        parts.append(name)
+        _encode_value(parts, value, f"{where}[{key!r}]")
+    data = b"".join(parts)
+    return pack(">I", len(data)) + data
+
+
+_original_decode_value = puka_table.decode_value
+
+
+def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
+    """Decode timestamps without the deprecated ``utcfromtimestamp`` (D27)."""
+    if encoded[offset] == 0x54:  # b"T"
+        (seconds,) = unpack_from(">Q", encoded, offset + 1)
+        value = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(tzinfo=None)
+        return value, offset + 9
+    return _original_decode_value(encoded, offset)
+
+
+def _encode_connection_start_ok(client_properties: Any, mechanism: Any, response: Any, locale: Any) -> Any:
+    """puka's version packs character counts of the credentials (D4); send bytes."""
+    response = response.encode("utf-8") if isinstance(response, str) else response
+    mechanism = shortstr(mechanism, "mechanism")
+    locale = shortstr(locale, "locale")
+    payload = b"".join((
+        pack("!I", puka_spec.METHOD_CONNECTION_START_OK), encode_table(client_properties, "client_properties"),
+        pack("!B", len(mechanism)), mechanism, pack("!I", len(response)), response, pack("!B", len(locale)), locale,
+    ))
+    return ((0x01, payload),)
+
+
+# --- Publishing ----------------------------------------------------------------------------
+
+#: Basic properties in wire order, with their flag bit and kind. ``type`` is
+#: puka's ``type_``.
+_PROPERTIES: tuple[tuple[str, int, str], ...] = (
+    ("content_type", 0x8000, "s"),
+    ("content_encoding", 0x4000, "s"),
+    ("headers", 0x2000, "F"),
+    ("delivery_mode", 0x1000, "B"),
+    ("priority", 0x0800, "B"),
+    ("correlation_id", 0x0400, "s"),
+    ("reply_to", 0x0200, "s"),
+    ("expiration", 0x0100, "s"),
+    ("message_id", 0x0080, "s"),
+    ("timestamp", 0x0040, "Q"),
+    ("type", 0x0020, "s"),
+    ("user_id", 0x0010, "s"),
+    ("app_id", 0x0008, "s"),
+    ("cluster_id", 0x0004, "s"),
+)
+PROPERTY_NAMES = frozenset(name for name, _, _ in _PROPERTIES)
+_METHOD_BASIC_PUBLISH = pack("!IH", puka_spec.METHOD_BASIC_PUBLISH, 0)
+
+
+def encode_properties(properties: dict[str, Any], body_size: int) -> bytes:
+    """Encode a content header frame payload; raises before anything is queued (D7)."""
+    flags = 0
+    parts: list[bytes] = []
+    for name, flag, kind in _PROPERTIES:
+        value = properties.get(name)
+        if value is None:
+            continue
+        flags |= flag
+        if kind == "s":
+            data = shortstr(value, name)
+            parts.append(pack("B", len(data)))
+            parts.append(data)
+        elif kind == "F":
+            parts.append(encode_table(value, "headers"))
+        elif kind == "B":
+            parts.append(pack("B", value))
+        else:
+            parts.append(pack("!Q", value))
+    return pack("!HHQH", 60, 0, body_size, flags) + b"".join(parts)
+
+
+def _body_frames(body: bytes, frame_max: int) -> list[tuple[int, Any]]:
+    """Split a body into frames without re-slicing the rest each time (D16)."""
+    limit = frame_max - 8
+    if len(body) <= limit:
+        return [(0x03, body)] if body else []
+    view = memoryview(body)
+    return [(0x03, view[i:i + limit]) for i in range(0, len(body), limit)]
+
+
+# --- Inbound fixes -------------------------------------------------------------------------
+
+
+def _inbound_body(self: Any, body_chunk: bytes) -> Any:
+    """Keep bodies as bytes (D1) and properties apart from application headers (D24)."""
+    self.body_chunks.append(body_chunk)
+    self.body_len += len(body_chunk)
+    if self.body_len == self.body_size:
+        result = self.method_frame
+        props = self.props
+        chunks = self.body_chunks
+        result["body"] = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        result["headers"] = props.pop("headers", None) or {}
+        result["properties"] = props
+        self._clear_inbound_state()
+        return self._handle_inbound(result)
+    return None
+
+
+def _handle_inbound(self: Any, result: Any) -> None:
+    """Drop a frame for a channel nobody owns any more instead of crashing (D9)."""
+    if self.promise is None:
+        log.debug("dropped %s on a released channel %s", getattr(result, "name", result), self.number)
+        return
+    self.promise.recv_method(result)
+
+
+def _recv_method(self: Any, result: Any) -> None:
+    """Drop a method the promise did not ask for instead of raising KeyError (D9)."""
+    callback = self.methods.pop(result.method_id, None)
+    if callback is None:
+        log.debug("dropped unexpected %s on promise %s", getattr(result, "name", result), self.number)
+        return
+    callback(self, result)
+
+
+class _FrameBasicNack(puka_spec.Frame):
+    name = "basic.nack"
+    method_id = puka_spec.METHOD_BASIC_NACK
+
+
+def _decode_basic_nack(data: bytes, offset: int) -> tuple[Any, int]:
+    frame = _FrameBasicNack()
+    frame["delivery_tag"], bits = unpack_from("!QB", data, offset)
+    frame["multiple"] = bool(bits & 1)
+    frame["requeue"] = bool(bits & 2)
+    return frame, offset + 9
+
+
+_original_open_ok_puback = puka_machine._pt_channel_open_ok_puback
+
+
+def _pt_channel_open_ok_puback(pt: Any, _result: Any = None) -> None:
+    """Also listen for basic.nack on the publish channel (D6)."""
+    _original_open_ok_puback(pt, _result)
+    pt.register(puka_spec.METHOD_BASIC_NACK, _pt_basic_nack)
+
+
+def _pt_basic_nack(pt: Any, result: Any) -> None:
+    pt.register(puka_spec.METHOD_BASIC_NACK, _pt_basic_nack)
+    tag = result["delivery_tag"] + pt.x_delivery_tag_shift
+    inflight = pt.x_async_inflight
+    if result["multiple"]:
+        tags = [t for t in inflight if t <= tag]
+    else:
+        tags = [tag] if tag in inflight else []
+    for t in tags:
+        frame = puka_spec.Frame()
+        puka_exceptions.mark_frame(frame, PublishNacked("the broker nacked the message (basic.nack)"))
+        inflight.pop(t).done(frame)
+
+
+_original_consume_ok = puka_machine._bcm_basic_consume_ok
+
+
+def _bcm_basic_consume_ok(t: Any, result: Any) -> None:
+    """Tell the consumer when every consume-ok has arrived, so qos/cancel can't race it (D17)."""
+    _original_consume_ok(t, result)
+    if not t.x_consumes:
+        ready = getattr(t, "x_on_consume_ok", None)
+        if ready is not None:
+            ready()
+
+
+def _apply_patches() -> None:
+    puka_compat.as_str = _lenient_as_str
+    puka_spec.as_str = _lenient_as_str
+    puka_table.encode = encode_table
+    puka_table.decode_value = _decode_value
+    puka_spec.encode_connection_start_ok = _encode_connection_start_ok
+    puka_spec.METHODS[puka_spec.METHOD_BASIC_NACK] = _decode_basic_nack
+    puka_channel.Channel.inbound_body = _inbound_body
+    puka_channel.Channel._handle_inbound = _handle_inbound
+    puka_promise.Promise.recv_method = _recv_method
+    puka_machine._pt_channel_open_ok_puback = _pt_channel_open_ok_puback
+    puka_machine._bcm_basic_consume_ok = _bcm_basic_consume_ok
+
+
+_apply_patches()
+
+
+# --- The client ----------------------------------------------------------------------------
+
+#: What the client tells the broker it understands. puka replaces rather than
+#: merges these (D10), so all of them are listed here.
+CLIENT_CAPABILITIES = {
+    "consumer_cancel_notify": True,
+    "connection.blocked": True,
+    "authentication_failure_close": True,
+    "basic.nack": True,
+    "publisher_confirms": True,
+}
+
+
+class FixedClient(puka.Client):  # type: ignore[misc]
+    """A puka client with the I/O-level defects mended.
+
+    Built with host, port and credentials as attributes rather than a URL,
+    so that no password has to be put into (and parsed out of) a string.
+    """
+
+    attach_methods = (machine_decorator, [])  # puka's metaclass wants this
+
+    def __init__(self, host: str, port: int, user: str, password: str, vhost: str, *,
+                 heartbeat: int = 0, ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, client_properties: dict[str, Any] | None = None) -> None:
+        super().__init__("amqp:///", pubacks=True, heartbeat=heartbeat,
+                         client_properties={**(client_properties or {}), "capabilities": CLIENT_CAPABILITIES})
+        self.host, self.port = host, port
+        self.username, self.password = user, password
+        self.vhost = shortstr(vhost, "vhost")  # D4
+        self.ssl = ssl_context is not None
+        self.x_ssl_context = ssl_context
+        self.x_server_hostname = server_hostname or host
+        self.x_tls_error: BaseException | None = None
+        #: Called with (blocked: bool, reason) on connection.blocked / unblocked (D10).
+        self.x_on_blocked: Any = None
+
+    def __repr__(self) -> str:
+        return f"<FixedClient {self.username}@{self.host}:{self.port}>"
+
+    # D15, D10, D11: TCP_NODELAY, and the handlers puka registers too late or never.
+    def _connect(self) -> Any:
+        t = super()._connect()
+        self.sd.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t.register(puka_spec.METHOD_CONNECTION_CLOSE, puka_machine._connection_close)
+        t.register(puka_spec.METHOD_CONNECTION_BLOCKED, self._on_connection_blocked)
+        t.register(puka_spec.METHOD_CONNECTION_UNBLOCKED, self._on_connection_unblocked)
+        return t
+
+    def _on_connection_blocked(self, t: Any, result: Any) -> None:
+        t.register(puka_spec.METHOD_CONNECTION_BLOCKED, self._on_connection_blocked)
+        if self.x_on_blocked is not None:
+            self.x_on_blocked(True, result.get("reason"))
+
+    def _on_connection_unblocked(self, t: Any, result: Any) -> None:
+        t.register(puka_spec.METHOD_CONNECTION_UNBLOCKED, self._on_connection_unblocked)
+        if self.x_on_blocked is not None:
+            self.x_on_blocked(False, None)
+
+    # D25: TLS through an SSLContext, with SNI and host name checks.
+    def _wrap_socket(self, sock: socket.socket) -> ssl.SSLSocket:
+        return self.x_ssl_context.wrap_socket(sock, server_hostname=self.x_server_hostname,
+                                              do_handshake_on_connect=False)
+
+    def _tls_handshake(self) -> bool:
+        """One step of the TLS handshake; True when it wants to write. Errors kill the client."""
+        try:
+            self.sd.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLWantWriteError:
+            return True
+        except (ssl.SSLError, OSError) as exc:
+            self.x_tls_error = exc
+            self.fail(exc)
+            return False
+        self.needs_write = self.needs_write_nohandshake
+        self.on_write = self.on_write_nohandshake
+        self.on_read = self.on_read_nohandshake
+        return bool(self.send_buf)
+
+    def needs_write_handshake(self) -> bool:
+        return self._tls_handshake()
+
+    def on_read_handshake(self) -> None:
+        self._tls_handshake()
+
+    # D12: a dead client says so instead of AttributeError.
+    def fileno(self) -> int:
+        if self.sd is None:
+            raise ConnectionBroken("connection is closed")
+        return int(self.sd.fileno())
+
+    def _send(self, data: bytes) -> None:
+        if self.send_buf is None:
+            raise ConnectionBroken("connection is closed")
+        self.send_buf.write(data)
+
+    def _send_frames(self, channel_number: int, frames: Any) -> None:
+        """Frame and queue payloads (bytes or memoryviews) with one join."""
+        if self.send_buf is None:
+            raise ConnectionBroken("connection is closed")
+        parts: list[Any] = []
+        for frame_type, payload in frames:
+            if isinstance(payload, str):
+                payload = payload.encode("utf-8")
+            parts.append(pack("!BHI", frame_type, channel_number, len(payload)))
+            parts.append(payload)
+            parts.append(b"\xce")
+        self.send_buf.write(b"".join(parts))
+
+    # D2, D13: any error while reading or writing shuts the client down and
+    # resolves every promise, rather than leaving half-parsed state behind.
+    def safe_read(self) -> None:
+        try:
+            self.on_read()
+        except Exception as exc:  # noqa: BLE001 - any failure here poisons the connection
+            self.fail(exc)
+
+    def safe_write(self) -> None:
+        try:
+            self.on_write()
+        except Exception as exc:  # noqa: BLE001
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """Shut down with ``exc`` as the reason; every pending promise gets an error."""
+        if self.sd is not None:
+            log.debug("puka client %r failed: %r", self, exc)
+            error = exc if isinstance(exc, ConnectionBroken) else ConnectionBroken(str(exc) or type(exc).__name__)
+            self._shutdown(puka_exceptions.mark_frame(puka_spec.Frame(), error))
+
+    def _shutdown(self, result: Any) -> None:
+        """puka's shutdown, minus the errors a half-closed socket raises (D12, D13)."""
+        for promise in self.promises.all():
+            if promise.to_be_released is False:
+                promise.done(result)
+        sd, self.sd, self.send_buf = self.sd, None, None
+        if sd is not None:
+            try:
+                sd.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sd.close()
+
+    # D7: encode first, then take a delivery tag. Also faster than puka's own
+    # encoder, and only mandatory messages carry puka's tracking header.
+    @machine_decorator
+    def publish(self, exchange: bytes, routing_key: bytes, body: bytes, properties: dict[str, Any],
+                mandatory: bool = False) -> Any:
+        pt = self.x_publish_promise
+        if mandatory:
+            headers = dict(properties.get("headers") or {})
+            headers["x-puka-delivery-tag"] = pt.x_delivery_tag
+            properties = {**properties, "headers": headers}
+        frames = [
+            (0x01, b"".join((_METHOD_BASIC_PUBLISH, pack("B", len(exchange)), exchange,
+                             pack("B", len(routing_key)), routing_key, b"\x01" if mandatory else b"\x00"))),
+            (0x02, encode_properties(properties, len(body))),
+        ]
+        frames.extend(_body_frames(body, self.frame_max))
+        delivery_tag = pt.x_delivery_tag
+        pt.x_delivery_tag += 1
+        t = self.promises.new(puka_machine._nothing, no_channel=True)
+        pt.x_async_next.append((delivery_tag, t, frames))
+        puka_machine._pt_async_flush(pt)
+        return t

@@ -1,0 +1,1037 @@
+"""PukaConnection: one broker connection shared by many greenlets.
+
+Each connection owns at most one live :class:`_Session` (a puka client and
+the greenlets that drive it). The session's I/O greenlet is the only code that
+reads the socket; it sleeps on socket readiness through gevent's hub, never on
+a polling interval. Callers hand puka a callback and wait on a gevent
+primitive; writes are flushed by one hub callback per batch. User callbacks
+run in a separate dispatcher greenlet, so a callback may itself make a
+blocking call on the same connection.
+
+When a session dies, every waiting greenlet gets :class:`ConnectionLost`.
+The next operation opens a new session (trying each configured node in
+turn); consumers registered with a callback are resumed on it by a
+background recovery greenlet.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.select
+import gevent.socket
+from gevent.event import AsyncResult, Event
+from puka import spec as puka_spec
+
+from . import _puka
+from .config import Node, PoolSettings
+from .exceptions import (
+    AMQPError,
+    AuthenticationError,
+    ConnectionBlocked,
+    ConnectionError,
+    ConnectionLost,
+    MessageStateError,
+    Timeout,
+    VhostNotAllowed,
+    error_from_reply,
+)
+from .message import _NOTHING, Message, encode_body
+
+__all__ = ["PukaConnection", "Callback"]
+
+log = logging.getLogger(__name__)
+
+#: callback(promise, result): result is the operation's result, or the exception it failed with.
+Callback = Callable[[int, Any], Any]
+
+_EXCHANGE_TYPES = frozenset({"direct", "fanout", "topic", "headers"})
+_READ, _WRITE = 1, 2
+#: Promise ids are unique in the process, so a promise names its connection too.
+_promise_ids = itertools.count(1)
+_CLIENT_PROPERTIES = {"product": "flask_nucleon_amqp", "platform": "Python/gevent"}
+
+
+class _Session:
+    """One puka client on one socket, with its I/O greenlet; never reused once dead."""
+
+    def __init__(self, owner: PukaConnection, node: Node, address: str) -> None:
+        settings = owner.settings
+        self.owner = owner
+        self.node = node
+        self.hub = gevent.get_hub()
+        self.client = _puka.FixedClient(
+            address, node.port, settings.user, settings.password, settings.vhost,
+            heartbeat=int(settings.heartbeat),
+            ssl_context=settings.tls.context() if settings.tls else None,
+            server_hostname=node.host, client_properties=_CLIENT_PROPERTIES)
+        self.client.x_on_blocked = owner._on_blocked
+        self.opened = False
+        self.alive = True
+        self.ready = AsyncResult()
+        self.death_reason: str | None = None
+        self.server_properties: dict[str, Any] = {}
+        self.flush_scheduled = False
+        self.writer: gevent.Greenlet | None = None
+        self.drained = Event()
+        self.drained.set()
+        self.last_recv = self.last_send = time.monotonic()
+        self.heartbeat_timer: Any = None
+        self.io: gevent.Greenlet | None = None
+
+    def __repr__(self) -> str:
+        return f"<_Session {self.owner.settings.safe_url(self.node)} alive={self.alive}>"
+
+    @property
+    def usable(self) -> bool:
+        """False as soon as the socket is gone, even before the I/O greenlet has wound up."""
+        return self.alive and self.client.sd is not None
+
+    # -- opening ------------------------------------------------------------------------------
+    def start(self, timeout: float) -> None:
+        """Connect and complete the AMQP handshake, or raise a ConnectionError."""
+        settings = self.owner.settings
+        where = settings.safe_url(self.node)
+        try:
+            self.client.connect(callback=self._on_connection_event)
+        except OSError as exc:
+            self.alive = False
+            raise ConnectionError(f"cannot connect to {where}: {exc}", self.node.host, self.node.port) from None
+        self.io = gevent.spawn(self._run)
+        if not self.ready.wait(timeout) and not self.ready.ready():
+            self.kill(f"no answer within connect_timeout={timeout:g}s")
+            raise ConnectionError(f"cannot connect to {where}: no answer within {timeout:g}s "
+                                  "(connect_timeout)", self.node.host, self.node.port)
+        result = self.ready.get()
+        if result is not None:
+            raise result
+
+    def _on_connection_event(self, _number: int, result: Any) -> None:
+        if self.opened:
+            return  # the close that follows is handled when the I/O greenlet ends
+        if not result.is_error:
+            self.opened = True
+            self.server_properties = dict(result.get("server_properties") or {})
+            self.ready.set(None)
+            return
+        where = self.owner.settings.safe_url(self.node)
+        code = result.get("reply_code")
+        exc: AMQPError
+        if code == 403:
+            exc = AuthenticationError(f"broker at {where} refused the login: {result.get('reply_text', '')}",
+                                      self.node.host, self.node.port)
+        elif code == 530:
+            exc = VhostNotAllowed(f"broker at {where} refused the vhost: {result.get('reply_text', '')}",
+                                  self.node.host, self.node.port)
+        else:
+            reason = self.client.x_tls_error or result.exception
+            exc = ConnectionError(f"cannot connect to {where}: {reason}", self.node.host, self.node.port)
+        if not self.ready.ready():
+            self.ready.set(exc)
+
+    # -- the I/O greenlet ---------------------------------------------------------------------
+    def _run(self) -> None:
+        client = self.client
+        try:
+            fd = client.fileno()
+            while not self.opened:  # connect, TLS and AMQP handshakes: read and write both matter
+                want_write = client.needs_write()
+                if client.sd is None:
+                    return
+                readable, writable, _ = gevent.select.select([fd], [fd] if want_write else [], [])
+                if writable:
+                    client.safe_write()
+                if readable and client.sd is not None:
+                    client.safe_read()
+                client.run_any_callbacks()
+                if client.sd is None:
+                    return
+            self._start_heartbeats()
+            self._write_some()
+            watcher = self.hub.loop.io(fd, _READ)
+            read, hub_wait, monotonic = client.safe_read, self.hub.wait, time.monotonic
+            while client.sd is not None:
+                hub_wait(watcher)
+                self.last_recv = monotonic()
+                read()
+                if client.promises.ready:
+                    client.run_any_callbacks()
+                if client.send_buf and self.writer is None:
+                    self._write_some()
+        except gevent.GreenletExit:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a bug here must still fail every waiter
+            log.exception("I/O loop of %r failed", self)
+            self.death_reason = self.death_reason or f"internal error: {exc!r}"
+        finally:
+            self._die()
+
+    def _die(self) -> None:
+        client = self.client
+        if client.sd is not None:
+            client.fail(_puka.ConnectionBroken(self.death_reason or "connection closed"))
+        try:
+            client.run_any_callbacks()
+        except Exception:  # noqa: BLE001
+            log.exception("callbacks of %r failed while it closed", self)
+        self.alive = False
+        if self.heartbeat_timer is not None:
+            self.heartbeat_timer.stop()
+        self.drained.set()
+        if not self.ready.ready():
+            self.ready.set(ConnectionError(
+                f"cannot connect to {self.owner.settings.safe_url(self.node)}: {self.death_reason or 'closed'}",
+                self.node.host, self.node.port))
+        self.owner._session_died(self)
+
+    def kill(self, reason: str) -> None:
+        """End the session from any greenlet or hub callback; waiters get ConnectionLost."""
+        if self.death_reason is None:
+            self.death_reason = reason
+        if self.io is not None and not self.io.dead:
+            self.io.kill(block=False)
+        elif self.alive:
+            self._die()
+
+    # -- writing ------------------------------------------------------------------------------
+    def schedule_flush(self) -> None:
+        """Send what is queued once the current greenlet yields: one send per batch."""
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.hub.loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.writer is None and self.opened:
+            self._write_some()
+
+    def _write_some(self) -> None:
+        """Write until the kernel buffer is full; then a writer greenlet waits for room."""
+        client = self.client
+        buf = client.send_buf
+        while buf:
+            before = len(buf)
+            client.safe_write()
+            buf = client.send_buf
+            if buf is None:
+                return
+            if len(buf) == before:
+                break
+            self.last_send = time.monotonic()
+        if buf:
+            if len(buf) > self.owner.settings.max_buffer:
+                self.drained.clear()
+            if self.writer is None:
+                self.writer = gevent.spawn(self._write_when_ready)
+        else:
+            self.drained.set()
+
+    def _write_when_ready(self) -> None:
+        client = self.client
+        try:
+            watcher = self.hub.loop.io(client.fileno(), _WRITE)
+            while client.send_buf:
+                self.hub.wait(watcher)
+                before = len(client.send_buf)
+                client.safe_write()
+                if client.send_buf is not None and len(client.send_buf) != before:
+                    self.last_send = time.monotonic()
+                if client.send_buf is not None and len(client.send_buf) <= self.owner.settings.max_buffer // 2:
+                    self.drained.set()
+        except (_puka.ConnectionBroken, gevent.GreenletExit):
+            pass
+        finally:
+            self.writer = None
+            self.drained.set()
+
+    # -- heartbeats ---------------------------------------------------------------------------
+    def _start_heartbeats(self) -> None:
+        interval = self.owner.settings.heartbeat
+        if interval > 0:
+            self.heartbeat_timer = self.hub.loop.timer(interval / 2, interval / 2)
+            self.heartbeat_timer.start(self._heartbeat_tick)
+
+    def _heartbeat_tick(self) -> None:
+        """Runs in the hub: declare the peer dead after two silent intervals; keep ours alive."""
+        interval = self.owner.settings.heartbeat
+        now = time.monotonic()
+        silent = now - self.last_recv
+        if silent > 2 * interval:
+            self.kill(f"missed heartbeats: nothing received for {silent:.1f}s (heartbeat={interval:g}s)")
+        elif now - self.last_send >= interval / 2 and self.client.send_buf is not None:
+            self.client._send_frames(0, [(0x08, b"")])
+            self.schedule_flush()
+
+
+class _Consumer:
+    """A registered consumer; survives reconnects (it is started again on each new session)."""
+
+    def __init__(self, promise: int, queue: str, callback: Callable[[Message], Any] | None,
+                 prefetch_count: int, no_ack: bool, exclusive: bool, arguments: dict[str, Any]) -> None:
+        self.promise = promise
+        self.queue = queue
+        self.callback = callback
+        self.prefetch_count = prefetch_count
+        self.no_ack = no_ack
+        self.exclusive = exclusive
+        self.arguments = arguments
+        self.session: _Session | None = None
+        self.puka_number: int | None = None
+        self.started: AsyncResult = AsyncResult()
+        self.cancelled = False
+        #: Where the one-shot consumer of a synchronous consume puts its message.
+        self.box: AsyncResult = AsyncResult()
+
+
+def _settable(result_box: AsyncResult) -> Callable[[int, Any], None]:
+    return lambda _number, result: result_box.set(result)
+
+
+class PukaConnection:
+    """A connection shared by every greenlet of the process.
+
+    Every method is synchronous (blocks only the calling greenlet until the
+    broker answered; returns the result or raises) unless given
+    ``callback=``: then it returns a promise id at once and later calls
+    ``callback(promise, result)`` in the connection's callback greenlet, with
+    the exception as ``result`` when the operation failed.
+
+    ``timeout`` defaults to the pool's ``operation_timeout``.
+    """
+
+    def __init__(self, settings: PoolSettings, index: int = 0) -> None:
+        self.settings = settings
+        self.index = index
+        self._session: _Session | None = None
+        self._opening: AsyncResult | None = None
+        self._closed = False
+        self._consumers: dict[int, _Consumer] = {}
+        self._dispatch_queue: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._dispatch_wake = Event()
+        self._dispatcher: gevent.Greenlet | None = None
+        self._callback_running = False
+        self._recovery: gevent.Greenlet | None = None
+        self._unblocked = Event()
+        self._unblocked.set()
+        self._node_offset = index
+        #: Called with this connection after every (re)open, before consumers resume.
+        self.on_open: list[Callable[[PukaConnection], Any]] = []
+        self.pending = 0
+        self.blocked_reason: str | None = None
+        self.stats = {"opened": 0, "lost": 0, "published": 0, "confirmed": 0, "failed": 0, "delivered": 0}
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else "closed" if self._closed else "idle"
+        return f"<PukaConnection {self.settings.name}#{self.index} {self.settings.safe_url()} {state}>"
+
+    def __enter__(self) -> PukaConnection:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Connections are shared: leaving a ``with`` block does not close it."""
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None and self._session.usable
+
+    @property
+    def blocked(self) -> bool:
+        """True while the broker blocks publishers (memory or disk alarm)."""
+        return self.blocked_reason is not None
+
+    @property
+    def server_properties(self) -> dict[str, Any]:
+        session = self._live_session()
+        return session.server_properties
+
+    # -- sessions -----------------------------------------------------------------------------
+    def _live_session(self) -> _Session:
+        session = self._session
+        if session is not None and session.usable:
+            return session
+        return self._open()
+
+    def _open(self) -> _Session:
+        if self._closed:
+            raise ConnectionError(f"{self!r} was closed", self.settings.nodes[0].host, self.settings.nodes[0].port)
+        if self._opening is not None:
+            result = self._opening.get()
+            assert isinstance(result, _Session)
+            return result
+        opening = self._opening = AsyncResult()
+        try:
+            session = self._connect_any()
+            self._session = session
+            self._after_open(session)
+        except BaseException as exc:
+            opening.set_exception(exc)
+            self._opening = None
+            raise
+        opening.set(session)
+        self._opening = None
+        return session
+
+    def _connect_any(self) -> _Session:
+        nodes = self.settings.nodes
+        errors: list[str] = []
+        last: ConnectionError | None = None
+        for step in range(len(nodes)):
+            node = nodes[(self._node_offset + step) % len(nodes)]
+            try:
+                session = self._connect_node(node)
+            except (AuthenticationError, VhostNotAllowed):
+                raise
+            except ConnectionError as exc:
+                last = exc
+                errors.append(str(exc))
+                continue
+            self._node_offset = (self._node_offset + step) % len(nodes)
+            return session
+        assert last is not None
+        if len(nodes) == 1:
+            raise last
+        raise ConnectionError("no broker node reachable: " + "; ".join(errors), nodes[0].host, nodes[0].port)
+
+    def _connect_node(self, node: Node) -> _Session:
+        timeout = self.settings.connect_timeout
+        deadline = time.monotonic() + timeout
+        infos = None
+        try:
+            with gevent.Timeout(timeout, False):
+                infos = gevent.socket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConnectionError(f"cannot resolve {node.host}: {exc}", node.host, node.port) from None
+        if infos is None:
+            raise ConnectionError(f"cannot resolve {node.host} within {timeout:g}s", node.host, node.port)
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        last: ConnectionError | None = None
+        for address in addresses:  # every address of the name in turn, not only the first (D26)
+            session = _Session(self, node, address)
+            try:
+                session.start(max(0.001, deadline - time.monotonic()))
+            except (AuthenticationError, VhostNotAllowed):
+                raise
+            except ConnectionError as exc:
+                last = exc
+                continue
+            log.info("connected to %s (%s pool)", self.settings.safe_url(node), self.settings.name)
+            self.stats["opened"] += 1
+            return session
+        assert last is not None
+        raise last
+
+    def _after_open(self, session: _Session) -> None:
+        for hook in list(self.on_open):
+            hook(self)
+        for consumer in list(self._consumers.values()):
+            if consumer.callback is not None and not consumer.cancelled:
+                self._start_consumer(consumer, session)
+
+    def _session_died(self, session: _Session) -> None:
+        if self._session is session:
+            self._session = None
+        self.blocked_reason = None
+        self._unblocked.set()
+        if not session.opened:
+            return
+        self.stats["lost"] += 1
+        if self._closed:
+            log.info("closed connection to %s", self.settings.safe_url(session.node))
+            return
+        log.warning("connection to %s lost: %s", self.settings.safe_url(session.node),
+                    session.death_reason or "closed by the broker")
+        if len(self.settings.nodes) > 1:
+            self._node_offset += 1  # try the next node first
+        if any(c.callback is not None for c in self._consumers.values()):
+            self._start_recovery()
+
+    def _start_recovery(self) -> None:
+        if self._recovery is None or self._recovery.dead:
+            self._recovery = gevent.spawn(self._recover)
+
+    def _recover(self) -> None:
+        """Reopen in the background, with capped, jittered back-off, so consumers resume."""
+        delay = 0.1
+        while not self._closed and any(c.callback is not None for c in self._consumers.values()):
+            if self.is_open:
+                return
+            try:
+                self._open()
+                log.info("recovered connection to %s", self.settings.safe_url())
+                return
+            except (AuthenticationError, VhostNotAllowed) as exc:
+                log.error("not reconnecting to %s: %s", self.settings.safe_url(), exc)
+                return
+            except ConnectionError as exc:
+                log.warning("reconnect failed, retrying in %.1fs: %s", delay, exc)
+            gevent.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+    def _on_blocked(self, blocked: bool, reason: Any) -> None:
+        if blocked:
+            self.blocked_reason = str(reason or "blocked")
+            self._unblocked.clear()
+            log.warning("broker blocked publishing on %r: %s", self, self.blocked_reason)
+        else:
+            self.blocked_reason = None
+            self._unblocked.set()
+            log.info("broker unblocked publishing on %r", self)
+
+    # -- calling puka ---------------------------------------------------------------------------
+    def _error(self, result: Any, session: _Session, **context: Any) -> AMQPError:
+        """Translate a failed puka result into our exception."""
+        exc = result.exception
+        if isinstance(exc, AMQPError):
+            return exc
+        code = result.get("reply_code") if hasattr(result, "get") else None
+        if code and session.usable:
+            return error_from_reply(code, str(result.get("reply_text", "")),
+                                    host=session.node.host, port=session.node.port, **context)
+        reason = session.death_reason or (f"{code} {result.get('reply_text', '')}" if code else "connection closed")
+        return ConnectionLost(f"connection to {self.settings.safe_url(session.node)} lost: {reason}",
+                              session.node.host, session.node.port)
+
+    def _call(self, name: str, args: tuple[Any, ...], callback: Callback | None,
+              timeout: float | None, **kwargs: Any) -> Any:
+        session = self._live_session()
+        method = getattr(session.client, name)
+        if callback is None:
+            box = AsyncResult()
+            self.pending += 1
+            try:
+                method(*args, callback=_settable(box), **kwargs)
+                session.schedule_flush()
+                return self._wait(box, session, name, timeout)
+            finally:
+                self.pending -= 1
+        promise = next(_promise_ids)
+        self.pending += 1
+
+        def done(_number: int, result: Any) -> None:
+            self.pending -= 1
+            value = self._error(result, session) if result.is_error else dict(result)
+            self._dispatch(callback, promise, value)
+
+        method(*args, callback=done, **kwargs)
+        session.schedule_flush()
+        return promise
+
+    def _wait(self, box: AsyncResult, session: _Session, what: str, timeout: float | None, **context: Any) -> Any:
+        limit = self.settings.operation_timeout if timeout is None else timeout
+        result = box.wait(limit)
+        if result is None and not box.ready():
+            raise Timeout(f"{what} on {self.settings.safe_url(session.node)} got no answer within {limit:g}s")
+        if result.is_error:
+            raise self._error(result, session, **context)
+        return dict(result)
+
+    # -- callbacks ------------------------------------------------------------------------------
+    def _dispatch(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run a user callback in this connection's callback greenlet, in order."""
+        self._dispatch_queue.append((function, args))
+        if self._dispatcher is None:
+            self._dispatcher = gevent.spawn(self._dispatch_loop)
+        elif not self._dispatch_wake.is_set():
+            self._dispatch_wake.set()
+
+    def _dispatch_loop(self) -> None:
+        queue, wake = self._dispatch_queue, self._dispatch_wake
+        while True:
+            while queue:
+                function, args = queue.popleft()
+                self._callback_running = True
+                try:
+                    function(*args)
+                except Exception:  # noqa: BLE001 - a failing callback must not stop the others
+                    log.exception("AMQP callback %r raised", function)
+                finally:
+                    self._callback_running = False
+            wake.clear()
+            if not queue:
+                wake.wait()
+
+    # -- publishing -----------------------------------------------------------------------------
+    def publish(self, exchange: str, routing_key: str, body: bytes | str | None = None, *,
+                headers: dict[str, Any] | None = None, mandatory: bool = False, json: Any = _NOTHING,
+                persistent: bool = False, content_type: str | None = None, content_encoding: str | None = None,
+                delivery_mode: int | None = None, priority: int | None = None, correlation_id: str | None = None,
+                reply_to: str | None = None, expiration: int | str | None = None, message_id: str | None = None,
+                timestamp: int | datetime.datetime | None = None, type: str | None = None,
+                app_id: str | None = None, user_id: str | None = None,
+                callback: Callback | None = None, timeout: float | None = None) -> Any:
+        """Publish a message; synchronously, return once the broker confirmed it.
+
+        ``body`` is bytes (sent as is) or str (sent as UTF-8); ``json=`` sends
+        an object as JSON. ``persistent=True`` is ``delivery_mode=2``.
+
+        :raises Unroutable: ``mandatory`` and no queue took the message.
+        :raises NotFound: the exchange does not exist.
+        :raises ConnectionLost: the connection died before the confirm: the
+            message may or may not have been routed.
+        :raises ConnectionBlocked: the broker blocked publishing for longer than ``blocked_timeout``.
+        """
+        properties: dict[str, Any] = {}
+        data = encode_body(body, json, properties)
+        if headers:
+            if not isinstance(headers, dict):
+                raise TypeError(f"headers must be a dict, got {headers.__class__.__name__}")
+            properties["headers"] = headers
+        if persistent:
+            delivery_mode = 2
+        if (content_type or content_encoding or delivery_mode or priority is not None or correlation_id
+                or reply_to or expiration is not None or message_id or timestamp is not None or type
+                or app_id or user_id):
+            properties.update(_properties(
+                content_type=content_type, content_encoding=content_encoding, delivery_mode=delivery_mode,
+                priority=priority, correlation_id=correlation_id, reply_to=reply_to, expiration=expiration,
+                message_id=message_id, timestamp=timestamp, type=type, app_id=app_id, user_id=user_id))
+        exchange_b = _puka.shortstr(exchange, "exchange")
+        routing_key_b = _puka.shortstr(routing_key, "routing_key")
+        if "headers" in properties:
+            _puka.encode_table(properties["headers"], "headers")  # raise here, naming the header (D7, D8)
+        session = self._live_session()
+        self._wait_for_room(session)
+        context = {"exchange": exchange, "routing_key": routing_key}
+        self.stats["published"] += 1
+        if callback is None:
+            box = AsyncResult()
+            self.pending += 1
+            try:
+                session.client.publish(exchange_b, routing_key_b, data, properties, mandatory,
+                                       callback=_settable(box))
+                session.schedule_flush()
+                try:
+                    self._wait(box, session, "publish", timeout, **context)
+                except Exception:
+                    self.stats["failed"] += 1
+                    raise
+                self.stats["confirmed"] += 1
+                return None
+            finally:
+                self.pending -= 1
+        promise = next(_promise_ids)
+        self.pending += 1
+
+        def confirmed(_number: int, result: Any) -> None:
+            self.pending -= 1
+            if result.is_error:
+                self.stats["failed"] += 1
+                value: Any = self._error(result, session, **context)
+            else:
+                self.stats["confirmed"] += 1
+                value = {}
+            self._dispatch(callback, promise, value)
+
+        session.client.publish(exchange_b, routing_key_b, data, properties, mandatory, callback=confirmed)
+        session.schedule_flush()
+        return promise
+
+    basic_publish = publish
+
+    def _wait_for_room(self, session: _Session) -> None:
+        """Backpressure: wait while the broker blocks us or our write buffer is full."""
+        if self.blocked_reason is not None:
+            limit = self.settings.blocked_timeout
+            if not self._unblocked.wait(limit):
+                raise ConnectionBlocked(f"broker blocked publishing ({self.blocked_reason}) for more than "
+                                        f"{limit:g}s (blocked_timeout)")
+        if not session.drained.is_set():
+            limit = self.settings.operation_timeout
+            if not session.drained.wait(limit):
+                raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s")
+
+    # -- receiving ------------------------------------------------------------------------------
+    def consume(self, queue: str, callback: Callable[[int, Message], Any] | None = None, *,
+                prefetch_count: int = 100, no_ack: bool = False, exclusive: bool = False,
+                arguments: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        """Consume from ``queue``.
+
+        Without a callback, wait for the first message and return it (None
+        when ``timeout`` passes first); ack it when done. With a callback,
+        register a consumer (once the broker has confirmed it) and return its
+        promise; ``callback(promise, message)`` then runs for each delivery.
+        Every consumer needs a :meth:`cancel` when it is no longer wanted.
+        It is resumed by itself after the connection is lost and reopened.
+        """
+        _puka.shortstr(queue, "queue")
+        _check_prefetch(prefetch_count)
+        arguments = dict(arguments or {})
+        _puka.encode_table(arguments, "arguments")
+        if callback is None:
+            return self._consume_one(queue, no_ack, exclusive, arguments, timeout)
+        consumer = _Consumer(next(_promise_ids), queue, callback, prefetch_count, no_ack, exclusive, arguments)
+        session = self._live_session()
+        self._consumers[consumer.promise] = consumer
+        self._start_consumer(consumer, session)
+        limit = self.settings.operation_timeout if timeout is None else timeout
+        started = consumer.started.wait(limit)
+        if not consumer.started.ready():
+            self._consumers.pop(consumer.promise, None)
+            raise Timeout(f"consume from {queue!r} not confirmed within {limit:g}s")
+        if isinstance(started, BaseException):
+            self._consumers.pop(consumer.promise, None)
+            raise started
+        return consumer.promise
+
+    basic_consume = consume
+
+    def _start_consumer(self, consumer: _Consumer, session: _Session) -> None:
+        client = session.client
+        if consumer.started.ready():
+            consumer.started = AsyncResult()
+        item = {"queue": _puka.shortstr(consumer.queue, "queue"), "exclusive": consumer.exclusive,
+                "arguments": consumer.arguments}
+        # A one-shot consumer (consume without callback) acks itself when no_ack, so
+        # prefetch=1 still holds back every message but the first.
+        broker_no_ack = consumer.no_ack and consumer.callback is not None
+        number = client.basic_consume_multi([item], prefetch_count=consumer.prefetch_count, no_ack=broker_no_ack,
+                                            callback=lambda n, result: self._on_delivery(consumer, session, result))
+        consumer.session, consumer.puka_number = session, number
+        promise = client.promises.by_number(number)
+
+        def consume_ok() -> None:
+            if not consumer.started.ready():
+                consumer.started.set(None)
+
+        promise.x_on_consume_ok = consume_ok
+        session.schedule_flush()
+
+    def _on_delivery(self, consumer: _Consumer, session: _Session, result: Any) -> None:
+        """Runs in the I/O greenlet for each delivery (or error) of a consumer."""
+        if session is not consumer.session:
+            return  # from a session the consumer has left (its deliveries will come again)
+        if result.is_error:
+            error = self._error(result, session, queue=consumer.queue)
+            if not consumer.started.ready():
+                consumer.started.set(error)
+            elif consumer.callback is None:
+                if not consumer.box.ready():
+                    consumer.box.set(error)
+            elif session.usable and not consumer.cancelled:
+                log.error("consumer on %r stopped: %s", consumer.queue, error)
+                self._consumers.pop(consumer.promise, None)
+            return
+        if "body" not in result:  # the broker cancelled the consumer: queue deleted (D19)
+            if not consumer.cancelled:
+                log.warning("broker cancelled the consumer on queue %r (deleted?)", consumer.queue)
+                consumer.cancelled = True
+                self._consumers.pop(consumer.promise, None)
+            return
+        puka_promise = session.client.promises._promises.get(consumer.puka_number)
+        channel = puka_promise.channel if puka_promise is not None else None
+        message = Message.from_frame(result, self, (session, channel, consumer.puka_number,
+                                                    consumer.no_ack and consumer.callback is not None))
+        self.stats["delivered"] += 1
+        if consumer.callback is None:  # the one-shot consumer of a synchronous consume
+            box = consumer.box
+            if box.ready() or consumer.cancelled:
+                self._settle(message, "reject", True)
+            else:
+                if consumer.no_ack:
+                    self._settle(message, "ack", False)
+                    message.settled = True
+                box.set(message)
+            return
+        self._dispatch(self._deliver, consumer, message)
+
+    def _deliver(self, consumer: _Consumer, message: Message) -> None:
+        if consumer.cancelled:
+            if not message.settled:
+                try:
+                    self._settle(message, "reject", True)
+                    message.settled = True
+                except MessageStateError:
+                    pass
+            return
+        assert consumer.callback is not None
+        consumer.callback(consumer.promise, message)
+
+    def _consume_one(self, queue: str, no_ack: bool, exclusive: bool, arguments: dict[str, Any],
+                     timeout: float | None) -> Message | None:
+        consumer = _Consumer(next(_promise_ids), queue, None, 1, no_ack, exclusive, arguments)
+        box = consumer.box
+        session = self._live_session()
+        self._start_consumer(consumer, session)
+        try:
+            started = consumer.started.wait(self.settings.operation_timeout)
+            if isinstance(started, BaseException):
+                raise started
+            message = box.wait(timeout)
+            if isinstance(message, BaseException):
+                raise message
+            if isinstance(message, Message):
+                return message
+            if not session.usable:
+                raise ConnectionLost(f"connection lost while consuming from {queue!r}",
+                                     session.node.host, session.node.port)
+            return None
+        finally:
+            consumer.cancelled = True
+            if session.usable and consumer.started.ready() and consumer.started.get() is None:
+                session.client.basic_cancel(consumer.puka_number, callback=lambda n, r: None)
+                session.schedule_flush()
+
+    def get(self, queue: str, *, no_ack: bool = False, timeout: float | None = None) -> Message | None:
+        """Fetch one message with basic.get; None when the queue is empty."""
+        queue_b = _puka.shortstr(queue, "queue")
+        session = self._live_session()
+        box = AsyncResult()
+        session.client.basic_get(queue_b, no_ack=no_ack, callback=_settable(box))
+        session.schedule_flush()
+        frame = box.wait(self.settings.operation_timeout if timeout is None else timeout)
+        if frame is None and not box.ready():
+            raise Timeout(f"get from {queue!r} got no answer")
+        if frame.is_error:
+            raise self._error(frame, session, queue=queue)
+        if frame.get("empty"):
+            return None
+        number = frame["promise_number"]
+        puka_promise = session.client.promises._promises.get(number)
+        channel = puka_promise.channel if puka_promise is not None else None
+        return Message.from_frame(frame, self, (session, channel, number, no_ack))
+
+    basic_get = get
+
+    def _settle(self, message: Message, action: str, requeue: bool) -> None:
+        """Send ack / reject / nack for a message, on the channel it arrived on."""
+        session, channel, number, no_ack = message._context
+        if no_ack:
+            raise MessageStateError("this message was consumed with no_ack=True; there is nothing to settle")
+        client = session.client
+        if (not session.usable or channel is None or client.channels.channels.get(channel.number) is not channel
+                or not channel.alive):
+            raise MessageStateError(
+                f"cannot {action} message {message.delivery_tag}: the channel it arrived on has closed "
+                "(connection lost or channel error), so the broker will deliver it again")
+        tag = message.delivery_tag
+        if action == "ack":
+            frames = puka_spec.encode_basic_ack(tag, False)
+        elif action == "reject":
+            frames = puka_spec.encode_basic_reject(tag, requeue)
+        else:
+            frames = puka_spec.encode_basic_nack(tag, False, requeue)
+        client._send_frames(channel.number, frames)
+        puka_promise = client.promises._promises.get(number)
+        if puka_promise is not None and puka_promise.refcnt > 0:
+            puka_promise.refcnt_dec()  # lets puka release a get's channel
+        session.schedule_flush()
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a message: processed, never to be delivered again."""
+        message.ack()
+
+    basic_ack = ack
+
+    def reject(self, message: Message, requeue: bool = True) -> None:
+        """Reject a message: requeue it, or drop / dead-letter it with ``requeue=False``."""
+        message.reject(requeue)
+
+    basic_reject = reject
+
+    def nack(self, message: Message, requeue: bool = True) -> None:
+        """Negatively acknowledge a message (basic.nack)."""
+        message.nack(requeue)
+
+    def cancel(self, promise: int, timeout: float | None = None) -> None:
+        """Stop a consumer started with ``consume(queue, callback)``.
+
+        Deliveries that arrived but were not yet handed to the callback are
+        requeued; messages the callback already has can still be acked.
+        """
+        consumer = self._consumers.pop(promise, None)
+        if consumer is None:
+            raise ValueError(f"no consumer with promise {promise!r} on {self!r}")
+        consumer.cancelled = True
+        session = consumer.session
+        if session is None or not session.usable or consumer.puka_number is None:
+            return
+        limit = self.settings.operation_timeout if timeout is None else timeout
+        started = consumer.started.wait(limit)  # basic.cancel before consume-ok confuses puka (D17)
+        if (not session.usable or isinstance(started, BaseException) or not consumer.started.ready()
+                or consumer.puka_number not in session.client.promises._promises):
+            return
+        box = AsyncResult()
+        session.client.basic_cancel(consumer.puka_number, callback=_settable(box))
+        session.schedule_flush()
+        self._wait(box, session, "cancel", timeout)
+
+    basic_cancel = cancel
+
+    def has_consumer(self, promise: int) -> bool:
+        """True if ``promise`` is a consumer of this connection."""
+        return promise in self._consumers
+
+    def qos(self, promise: int, prefetch_count: int, timeout: float | None = None) -> None:
+        """Change how many unacked messages a consumer may hold.
+
+        RabbitMQ applies a per-consumer prefetch only when a consumer starts,
+        so the consumer is re-subscribed with the new limit; messages it
+        already delivered stay valid and can be acked.
+        """
+        _check_prefetch(prefetch_count)
+        consumer = self._consumers.get(promise)
+        if consumer is None or consumer.session is None:
+            raise ValueError(f"no consumer with promise {promise!r} on {self!r}")
+        limit = self.settings.operation_timeout if timeout is None else timeout
+        consumer.started.wait(limit)  # basic.cancel before consume-ok confuses puka (D17)
+        session = consumer.session
+        box = AsyncResult()
+        session.client.basic_cancel(consumer.puka_number, callback=_settable(box))
+        session.schedule_flush()
+        self._wait(box, session, "qos", timeout)
+        consumer.prefetch_count = prefetch_count
+        self._start_consumer(consumer, session)
+        started = consumer.started.wait(limit)
+        if isinstance(started, BaseException):
+            raise started
+
+    # -- topology -------------------------------------------------------------------------------
+    def exchange_declare(self, exchange: str, type: str = "direct", *, durable: bool = False,
+                         auto_delete: bool = False, arguments: dict[str, Any] | None = None,
+                         callback: Callback | None = None, timeout: float | None = None) -> Any:
+        """Declare an exchange (idempotent; PreconditionFailed if it exists with other settings)."""
+        if type not in _EXCHANGE_TYPES and not (isinstance(type, str) and type.startswith("x-")):
+            raise ValueError(f"type must be one of direct, fanout, topic, headers or an x- plugin type, got {type!r}")
+        return self._call("exchange_declare", (_puka.shortstr(exchange, "exchange"),), callback, timeout,
+                          type=type, durable=durable, auto_delete=auto_delete, arguments=_arguments(arguments))
+
+    def exchange_delete(self, exchange: str, *, if_unused: bool = False,
+                        callback: Callback | None = None, timeout: float | None = None) -> Any:
+        return self._call("exchange_delete", (_puka.shortstr(exchange, "exchange"),), callback, timeout,
+                          if_unused=if_unused)
+
+    def exchange_bind(self, destination: str, source: str, routing_key: str = "", *,
+                      arguments: dict[str, Any] | None = None,
+                      callback: Callback | None = None, timeout: float | None = None) -> Any:
+        return self._call("exchange_bind", (_puka.shortstr(destination, "destination"),
+                                            _puka.shortstr(source, "source"),
+                                            _puka.shortstr(routing_key, "routing_key")),
+                          callback, timeout, arguments=_arguments(arguments))
+
+    def exchange_unbind(self, destination: str, source: str, routing_key: str = "", *,
+                        arguments: dict[str, Any] | None = None,
+                        callback: Callback | None = None, timeout: float | None = None) -> Any:
+        return self._call("exchange_unbind", (_puka.shortstr(destination, "destination"),
+                                              _puka.shortstr(source, "source"),
+                                              _puka.shortstr(routing_key, "routing_key")),
+                          callback, timeout, arguments=_arguments(arguments))
+
+    def queue_declare(self, queue: str = "", *, durable: bool = False, exclusive: bool = False,
+                      auto_delete: bool = False, passive: bool = False, arguments: dict[str, Any] | None = None,
+                      callback: Callback | None = None, timeout: float | None = None) -> Any:
+        """Declare a queue; returns ``{'queue', 'message_count', 'consumer_count'}``."""
+        return self._call("queue_declare", (_puka.shortstr(queue, "queue"),), callback, timeout,
+                          durable=durable, exclusive=exclusive, auto_delete=auto_delete, passive=passive,
+                          arguments=_arguments(arguments))
+
+    def queue_delete(self, queue: str, *, if_unused: bool = False, if_empty: bool = False,
+                     callback: Callback | None = None, timeout: float | None = None) -> Any:
+        return self._call("queue_delete", (_puka.shortstr(queue, "queue"),), callback, timeout,
+                          if_unused=if_unused, if_empty=if_empty)
+
+    def queue_purge(self, queue: str, *, callback: Callback | None = None, timeout: float | None = None) -> Any:
+        return self._call("queue_purge", (_puka.shortstr(queue, "queue"),), callback, timeout)
+
+    def queue_bind(self, queue: str, exchange: str, routing_key: str = "", *,
+                   arguments: dict[str, Any] | None = None,
+                   callback: Callback | None = None, timeout: float | None = None) -> Any:
+        return self._call("queue_bind", (_puka.shortstr(queue, "queue"), _puka.shortstr(exchange, "exchange"),
+                                         _puka.shortstr(routing_key, "routing_key")),
+                          callback, timeout, arguments=_arguments(arguments))
+
+    def queue_unbind(self, queue: str, exchange: str, routing_key: str = "", *,
+                     arguments: dict[str, Any] | None = None,
+                     callback: Callback | None = None, timeout: float | None = None) -> Any:
+        return self._call("queue_unbind", (_puka.shortstr(queue, "queue"), _puka.shortstr(exchange, "exchange"),
+                                           _puka.shortstr(routing_key, "routing_key")),
+                          callback, timeout, arguments=_arguments(arguments))
+
+    # -- closing --------------------------------------------------------------------------------
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait (up to ``timeout``) for pending operations and callbacks, cancel consumers, close."""
+        if self._closed:
+            return
+        deadline = time.monotonic() + timeout
+        while (self.pending or self._dispatch_queue or self._callback_running) and time.monotonic() < deadline:
+            gevent.sleep(0.005)
+        session = self._session
+        for promise in list(self._consumers):
+            try:
+                self.cancel(promise, timeout=max(0.001, deadline - time.monotonic()))
+            except AMQPError as exc:
+                log.debug("cancel while closing failed: %s", exc)
+        while (self._dispatch_queue or self._callback_running) and time.monotonic() < deadline:
+            gevent.sleep(0.005)
+        self._closed = True
+        if self._recovery is not None:
+            self._recovery.kill(block=False)
+        if session is not None and session.usable:
+            box = AsyncResult()
+            try:
+                session.client.close(callback=_settable(box))
+                session.schedule_flush()
+                box.wait(max(0.001, deadline - time.monotonic()))
+            except _puka.ConnectionBroken:
+                pass
+            session.kill("closed by the application")
+        if self._dispatcher is not None:
+            self._dispatcher.kill(block=False)
+            self._dispatcher = None
+
+    def forget(self) -> None:
+        """Drop everything without touching the socket: used in a child after fork."""
+        self._closed = True
+        self._session = None
+        self._consumers.clear()
+        self._dispatch_queue.clear()
+
+
+def _check_prefetch(prefetch_count: Any) -> None:
+    if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int) or not 0 <= prefetch_count < 65536:
+        raise ValueError(f"prefetch_count must be an integer from 0 to 65535, got {prefetch_count!r}")
+
+
+def _arguments(arguments: dict[str, Any] | None) -> dict[str, Any]:
+    if not arguments:
+        return {}
+    if not isinstance(arguments, dict):
+        raise TypeError(f"arguments must be a dict, got {type(arguments).__name__}")
+    _puka.encode_table(arguments, "arguments")  # fail before puka allocates a channel (D8)
+    return arguments
+
+
+def _properties(**given: Any) -> dict[str, Any]:
+    """Check and normalise message properties; errors name the property."""
+    out: dict[str, Any] = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name in ("delivery_mode", "priority"):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+                raise ValueError(f"{name} must be an integer from 0 to 255, got {value!r}")
+            if name == "delivery_mode" and value not in (1, 2):
+                raise ValueError(f"delivery_mode must be 1 (transient) or 2 (persistent), got {value!r}")
+        elif name == "timestamp":
+            if isinstance(value, datetime.datetime):
+                value = int(value.timestamp() if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc).timestamp())
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TypeError(f"timestamp must be a datetime or a non-negative int, got {value!r}")
+        elif name == "expiration":
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                value = str(value)
+            elif not (isinstance(value, str) and value.isdigit()):
+                raise ValueError(f"expiration must be milliseconds (int or digit string), got {value!r}")
+        else:
+            _puka.shortstr(value, name)
+        out[name] = value
+    return out
+

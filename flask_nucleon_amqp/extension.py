@@ -1,0 +1,192 @@
+"""The Flask wiring: ``AMQP(app)`` / ``init_app`` and ``current_app.amqp``.
+
+Only Flask glue lives here; broker logic is in plain classes (pool,
+connection) that work without Flask.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from typing import Any
+
+from flask import Flask, current_app, has_app_context
+
+from .config import APP_KEYS, PoolSettings, read_config
+from .connection import Callback, PukaConnection
+from .exceptions import ConfigError
+from .message import Message
+from .pool import Pool
+
+__all__ = ["AMQP", "AMQPState"]
+
+log = logging.getLogger(__name__)
+
+
+class AMQPState:
+    """What ``current_app.amqp`` and ``app.extensions["amqp"]`` are: one app's pools.
+
+    The convenience methods use the ``publish`` pool for publishing and
+    declaring, and the ``listen`` pool for consuming.
+    """
+
+    def __init__(self, settings: dict[str, PoolSettings], shutdown_timeout: float) -> None:
+        self.settings = settings
+        self.shutdown_timeout = shutdown_timeout
+        self.pools = {name: Pool(pool_settings) for name, pool_settings in settings.items()}
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<AMQPState pools={sorted(self.pools)}>"
+
+    def get_amqp_pool(self, type: str = "publish") -> Pool:
+        """The pool named ``type`` ("publish" and "listen" always exist)."""
+        try:
+            return self.pools[type]
+        except KeyError:
+            raise KeyError(f"no AMQP pool named {type!r}; configured pools: {sorted(self.pools)}") from None
+
+    def connection(self, type: str = "publish") -> PukaConnection:
+        """A shared connection of the pool named ``type``."""
+        return self.get_amqp_pool(type).connection()
+
+    # Shortcuts, as on a connection.
+    def publish(self, exchange: str, routing_key: str, body: Any = None, **options: Any) -> Any:
+        """Publish through the ``publish`` pool; see :meth:`PukaConnection.publish`."""
+        return self.connection("publish").publish(exchange, routing_key, body, **options)
+
+    def consume(self, queue: str, callback: Callback | None = None, **options: Any) -> Any:
+        """Consume through the ``listen`` pool; see :meth:`PukaConnection.consume`."""
+        return self.connection("listen").consume(queue, callback, **options)
+
+    def get(self, queue: str, **options: Any) -> Message | None:
+        return self.connection("listen").get(queue, **options)
+
+    def ack(self, message: Message) -> None:
+        message.ack()
+
+    def reject(self, message: Message, requeue: bool = True) -> None:
+        message.reject(requeue)
+
+    def nack(self, message: Message, requeue: bool = True) -> None:
+        message.nack(requeue)
+
+    def cancel(self, promise: int, timeout: float | None = None) -> None:
+        """Cancel a consumer started through any pool of this app."""
+        for pool in self.pools.values():
+            for conn in pool.connections():
+                if conn.has_consumer(promise):
+                    conn.cancel(promise, timeout)
+                    return
+        raise ValueError(f"no consumer with promise {promise!r}")
+
+    def exchange_declare(self, exchange: str, type: str = "direct", **options: Any) -> Any:
+        return self.connection().exchange_declare(exchange, type, **options)
+
+    def exchange_delete(self, exchange: str, **options: Any) -> Any:
+        return self.connection().exchange_delete(exchange, **options)
+
+    def exchange_bind(self, destination: str, source: str, routing_key: str = "", **options: Any) -> Any:
+        return self.connection().exchange_bind(destination, source, routing_key, **options)
+
+    def exchange_unbind(self, destination: str, source: str, routing_key: str = "", **options: Any) -> Any:
+        return self.connection().exchange_unbind(destination, source, routing_key, **options)
+
+    def queue_declare(self, queue: str = "", **options: Any) -> Any:
+        return self.connection().queue_declare(queue, **options)
+
+    def queue_delete(self, queue: str, **options: Any) -> Any:
+        return self.connection().queue_delete(queue, **options)
+
+    def queue_purge(self, queue: str, **options: Any) -> Any:
+        return self.connection().queue_purge(queue, **options)
+
+    def queue_bind(self, queue: str, exchange: str, routing_key: str = "", **options: Any) -> Any:
+        return self.connection().queue_bind(queue, exchange, routing_key, **options)
+
+    def queue_unbind(self, queue: str, exchange: str, routing_key: str = "", **options: Any) -> Any:
+        return self.connection().queue_unbind(queue, exchange, routing_key, **options)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per pool: connections open, pending operations, publishes confirmed/failed, deliveries."""
+        return {name: pool.stats() for name, pool in self.pools.items()}
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` for pending confirms and callbacks, cancel consumers, close.
+
+        Safe to call more than once; also run at interpreter exit.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for pool in self.pools.values():
+            try:
+                pool.close(self.shutdown_timeout if timeout is None else timeout)
+            except Exception:  # noqa: BLE001 - shutting down must go on for the other pools
+                log.exception("closing AMQP pool %r failed", pool.name)
+
+
+_live_states: weakref.WeakSet[AMQPState] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for state in list(_live_states):
+        try:
+            state.close()
+        except Exception:  # noqa: BLE001 - never raise at interpreter exit
+            pass
+
+
+class AMQP:
+    """The flask_nucleon_amqp extension.
+
+    ``AMQP(app)``, or ``amqp = AMQP()`` then ``amqp.init_app(app)`` in an
+    application factory. The configuration is read and checked once, in
+    ``init_app``; no connection opens until the first operation.
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read ``AMQP_*`` config, register ``app.extensions["amqp"]`` and ``app.amqp``.
+
+        :raises ConfigError: naming the offending key.
+        """
+        if "amqp" in app.extensions:
+            raise RuntimeError("flask_nucleon_amqp is already set up on this app; "
+                               "call init_app once per app (or close() the old state first)")
+        for key, default in APP_KEYS.items():
+            app.config.setdefault(key, default)
+        settings = read_config(app.config)
+        shutdown_timeout = app.config["AMQP_SHUTDOWN_TIMEOUT"]
+        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)):
+            raise ConfigError("AMQP_SHUTDOWN_TIMEOUT", f"must be a number of seconds, got {shutdown_timeout!r}")
+        state = AMQPState(settings, float(shutdown_timeout))
+        app.extensions["amqp"] = state
+        app.amqp = state  # type: ignore[attr-defined]
+        _live_states.add(state)
+        self._apps.add(app)
+
+    @property
+    def state(self) -> AMQPState:
+        """The state of the current app, or of the only app this extension was set up on."""
+        if has_app_context() and "amqp" in current_app.extensions:
+            return current_app.extensions["amqp"]  # type: ignore[no-any-return]
+        apps = list(self._apps)
+        if len(apps) == 1:
+            return apps[0].extensions["amqp"]  # type: ignore[no-any-return]
+        raise RuntimeError("no application context: use current_app.amqp inside a request or app context")
+
+    def get_amqp_pool(self, type: str = "publish") -> Pool:
+        return self.state.get_amqp_pool(type)
+
+    def __getattr__(self, name: str) -> Any:
+        # publish, consume, cancel, queue_declare, close, stats... as on current_app.amqp.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.state, name)

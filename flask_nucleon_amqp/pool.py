@@ -1,0 +1,98 @@
+"""Named pools of shared connections.
+
+A pool hands out one of up to ``size`` :class:`PukaConnection` objects,
+round-robin; every greenlet shares them. Connections are created on first
+use, so a pool built in a gunicorn master that forks opens nothing there.
+Pools belong to their process: after ``os.fork()`` the child forgets the
+parent's connections without touching their sockets and opens its own.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+from .config import PoolSettings
+from .connection import PukaConnection
+from .exceptions import ConnectionError
+
+__all__ = ["Pool"]
+
+_all_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+class Pool:
+    """Up to ``settings.size`` connections to one broker (or cluster), shared by all greenlets."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self._connections: list[PukaConnection | None] = [None] * settings.size
+        self._next = 0
+        self._pid = os.getpid()
+        self.closed = False
+        _all_pools.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.settings.name!r} size={self.settings.size} {self.settings.safe_url()}>"
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def connection(self) -> PukaConnection:
+        """Return one of the pool's shared connections (round-robin).
+
+        The connection opens on its first operation. Do not close it: it is
+        shared. It can be used as a context manager, as in Nucleon.
+        """
+        if self._pid != os.getpid():
+            self._after_fork()
+        if self.closed:
+            node = self.settings.nodes[0]
+            raise ConnectionError(f"AMQP pool {self.name!r} was closed", node.host, node.port)
+        index = self._next
+        self._next = (index + 1) % len(self._connections)
+        conn = self._connections[index]
+        if conn is None:
+            conn = self._connections[index] = PukaConnection(self.settings, index)
+        return conn
+
+    def connections(self) -> list[PukaConnection]:
+        """The connections created so far."""
+        return [c for c in self._connections if c is not None]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters summed over the pool's connections."""
+        total: dict[str, Any] = {"size": self.settings.size, "open": 0, "pending": 0, "blocked": False}
+        for conn in self.connections():
+            total["open"] += conn.is_open
+            total["pending"] += conn.pending
+            total["blocked"] = total["blocked"] or conn.blocked
+            for key, value in conn.stats.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Close every connection, waiting up to ``timeout`` for pending work."""
+        if self._pid != os.getpid():
+            self._after_fork()
+            return
+        self.closed = True
+        for conn in self.connections():
+            conn.close(timeout)
+
+    def _after_fork(self) -> None:
+        # The parent's sockets are the parent's: forget them without a read or write.
+        for conn in self.connections():
+            conn.forget()
+        self._connections = [None] * self.settings.size
+        self._pid = os.getpid()
+
+
+def _reset_pools_in_child() -> None:
+    for pool in list(_all_pools):
+        pool._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_pools_in_child)

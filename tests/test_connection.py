@@ -1,0 +1,485 @@
+"""PukaConnection against the real broker: the sync/async API, errors, concurrency."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from collections import Counter
+
+import gevent
+import pytest
+from gevent.queue import Queue
+
+from conftest import BROKER_HOST, Names, close_broker_connection, make_app, outcome, wait_until
+from flask_nucleon_amqp import (
+    AMQP,
+    AMQPState,
+    ConnectionError,
+    ConnectionLost,
+    MessageStateError,
+    NotFound,
+    PreconditionFailed,
+    PukaConnection,
+    Timeout,
+    Unroutable,
+)
+
+
+def test_declare_returns_counts(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    assert conn.queue_declare(queue) == {"queue": queue, "message_count": 0, "consumer_count": 0}
+    conn.publish("", queue, b"one")
+    assert conn.queue_declare(queue, passive=True)["message_count"] == 1
+    assert conn.queue_purge(queue) == {"message_count": 1}
+    assert conn.queue_delete(queue) == {"message_count": 0}
+
+
+def test_server_named_queue(conn: PukaConnection, names: Names) -> None:
+    result = conn.queue_declare("", exclusive=True)
+    assert result["queue"].startswith("amq.gen-")
+    assert conn.queue_delete(result["queue"]) == {"message_count": 0}
+
+
+def test_properties_round_trip(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    stamp = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
+    conn.publish("", queue, b"{}", headers={"h": 1}, persistent=True, content_type="application/json",
+                 content_encoding="utf-8", correlation_id="corr-1", reply_to="replies", expiration=60000,
+                 message_id="m-1", priority=3, timestamp=stamp, type="kind", app_id="tests", user_id="guest")
+    message = conn.get(queue)
+    assert message is not None
+    assert message.headers == {"h": 1}  # properties are not mixed into the headers
+    assert (message.delivery_mode, message.content_type, message.content_encoding) == (2, "application/json", "utf-8")
+    assert (message.correlation_id, message.reply_to, message.expiration) == ("corr-1", "replies", "60000")
+    assert (message.message_id, message.priority, message.type, message.app_id) == ("m-1", 3, "kind", "tests")
+    assert message.user_id == "guest"
+    assert message.timestamp == int(stamp.timestamp())
+    assert message["content_type"] == "application/json"
+    message.ack()
+
+
+def test_json_and_text_bodies(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    conn.publish("", queue, json={"a": [1, "é"]})
+    conn.publish("", queue, "héllo")
+    first, second = conn.get(queue), conn.get(queue)
+    assert first is not None and second is not None
+    assert first.json() == {"a": [1, "é"]} and first.content_type == "application/json"
+    assert second.text == "héllo" and second.body == "héllo".encode()
+    first.ack()
+    second.ack()
+
+
+@pytest.mark.parametrize("body", [123, 1.5, {"a": 1}, ["x"], object()])
+def test_bad_body_type_raises_before_sending(conn: PukaConnection, body: object) -> None:
+    with pytest.raises(TypeError, match="body must be bytes or str"):
+        conn.publish("", "nowhere", body)  # type: ignore[arg-type]
+    assert not conn.is_open  # nothing was sent: the connection was not even opened
+
+
+def test_body_and_json_together_is_an_error(conn: PukaConnection) -> None:
+    with pytest.raises(TypeError, match="body or json"):
+        conn.publish("", "q", b"x", json={})
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"priority": 300}, "priority"),
+    ({"delivery_mode": 5}, "delivery_mode"),
+    ({"expiration": "soon"}, "expiration"),
+    ({"headers": {"k": object()}}, r"headers\['k'\]"),
+    ({"headers": {"big": 2**70}}, r"headers\['big'\]"),
+    ({"correlation_id": "x" * 300}, "correlation_id"),
+])
+def test_bad_properties_name_the_argument(conn: PukaConnection, kwargs: dict, match: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=match):
+        conn.publish("", "q", b"x", **kwargs)
+
+
+def test_long_names_are_rejected_naming_the_argument(conn: PukaConnection) -> None:
+    with pytest.raises(ValueError, match="queue is 300 bytes"):
+        conn.queue_declare("q" * 300)
+    with pytest.raises(ValueError, match="routing_key"):
+        conn.publish("", "é" * 200, b"x")
+
+
+def test_mandatory_unroutable_raises(conn: PukaConnection, names: Names) -> None:
+    exchange = names.exchange()
+    conn.exchange_declare(exchange, "direct")
+    with pytest.raises(Unroutable) as info:
+        conn.publish(exchange, "nobody", b"lost", mandatory=True)
+    assert info.value.routing_key == "nobody" and info.value.exchange == exchange
+    conn.publish(exchange, "nobody", b"dropped silently")  # not mandatory: confirmed, dropped
+
+
+def test_mandatory_unroutable_async_reaches_callback(conn: PukaConnection, names: Names) -> None:
+    exchange = names.exchange()
+    conn.exchange_declare(exchange, "fanout")
+    results: Queue = Queue()
+    conn.publish(exchange, "", b"x", mandatory=True, callback=lambda p, r: results.put(r))
+    assert isinstance(results.get(timeout=10), Unroutable)
+
+
+def test_mandatory_routed_message_has_no_internal_header(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    conn.publish("", queue, b"x", mandatory=True, headers={"mine": "yes"})
+    message = conn.get(queue)
+    assert message is not None and message.headers == {"mine": "yes"}
+    message.ack()
+
+
+def test_channel_error_leaves_connection_usable(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue, durable=False)
+    session = conn._session
+    with pytest.raises(NotFound):
+        conn.publish(names.exchange("missing"), "rk", b"x")
+    with pytest.raises(PreconditionFailed):
+        conn.queue_declare(queue, durable=True)
+    with pytest.raises(NotFound):
+        conn.queue_declare(names.queue("absent"), passive=True)
+    conn.publish("", queue, b"still fine")
+    assert conn._session is session  # same connection, not a reconnect
+    message = conn.get(queue)
+    assert message is not None and message.body == b"still fine"
+    message.ack()
+
+
+def test_consume_without_callback_times_out_with_none(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    started = time.monotonic()
+    assert conn.consume(queue, timeout=0.3) is None
+    assert 0.25 < time.monotonic() - started < 5
+    conn.publish("", queue, b"later")  # the cancelled one-shot consumer took nothing
+    message = conn.consume(queue, timeout=5)
+    assert message is not None and message.body == b"later"
+    message.ack()
+
+
+def test_consume_waits_for_a_message(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    gevent.spawn_later(0.2, conn.publish, "", queue, b"arrives")
+    message = conn.consume(queue, timeout=10)
+    assert message is not None and message.body == b"arrives"
+    message.ack()
+
+
+def test_consume_missing_queue_raises(conn: PukaConnection, names: Names) -> None:
+    with pytest.raises(NotFound):
+        conn.consume(names.queue("absent"), callback=lambda p, m: None)
+    with pytest.raises(NotFound):
+        conn.consume(names.queue("absent"), timeout=1)
+
+
+def test_get_empty_returns_none(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    assert conn.get(queue) is None
+
+
+def test_reject_requeue_and_redelivered(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    conn.publish("", queue, b"again")
+    first = conn.get(queue)
+    assert first is not None and not first.redelivered
+    first.reject(requeue=True)
+    second = conn.get(queue)
+    assert second is not None and second.redelivered and second.body == b"again"
+    second.nack(requeue=False)
+    assert conn.get(queue) is None
+
+
+def test_double_ack_is_a_clear_error(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    conn.publish("", queue, b"x")
+    message = conn.get(queue)
+    assert message is not None
+    message.ack()
+    with pytest.raises(MessageStateError, match="already"):
+        conn.ack(message)
+    conn.publish("", queue, b"y")  # connection unharmed
+    assert conn.get(queue, no_ack=True) is not None
+
+
+def test_no_ack_message_cannot_be_acked(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    conn.publish("", queue, b"x")
+    message = conn.get(queue, no_ack=True)
+    assert message is not None
+    with pytest.raises(MessageStateError, match="no_ack"):
+        message.ack()
+
+
+def test_callback_can_block_on_its_own_connection(conn: PukaConnection, names: Names) -> None:
+    """A consumer callback that publishes (and waits for the confirm) on the same connection."""
+    source, target = names.queue("src"), names.queue("dst")
+    conn.queue_declare(source)
+    conn.queue_declare(target)
+    done: Queue = Queue()
+
+    def forward(promise: int, message: object) -> None:
+        conn.publish("", target, message.body + b"!")  # type: ignore[attr-defined]
+        info = conn.queue_declare(target, passive=True)  # another blocking call
+        message.ack()  # type: ignore[attr-defined]
+        done.put(info)
+
+    promise = conn.consume(source, callback=forward)
+    conn.publish("", source, b"ping")
+    assert done.get(timeout=10)["queue"] == target
+    forwarded = conn.get(target)
+    assert forwarded is not None and forwarded.body == b"ping!"
+    forwarded.ack()
+    conn.cancel(promise)
+
+
+def test_cancel_requeues_undelivered_and_keeps_held_ackable(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    for i in range(20):
+        conn.publish("", queue, str(i))
+    held: list = []
+    gate = gevent.event.Event()
+
+    def slow(promise: int, message: object) -> None:
+        held.append(message)
+        gate.wait()
+
+    promise = conn.consume(queue, callback=slow, prefetch_count=20)
+    assert wait_until(lambda: len(held) == 1)
+    conn.cancel(promise)
+    gate.set()
+    assert wait_until(lambda: conn._dispatch_queue == type(conn._dispatch_queue)() and not conn._callback_running)
+    assert len(held) == 1  # the others were never handed to the callback after cancel
+    held[0].ack()  # the held one can still be acked
+    assert wait_until(lambda: conn.queue_declare(queue, passive=True)["message_count"] == 19, timeout=10)
+    assert conn.queue_purge(queue)["message_count"] == 19
+
+
+def test_qos_changes_prefetch(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    for i in range(5):
+        conn.publish("", queue, str(i))
+    got: list = []
+    promise = conn.consume(queue, callback=lambda p, m: got.append(m), prefetch_count=1)
+    assert wait_until(lambda: len(got) == 1)
+    gevent.sleep(0.2)
+    assert len(got) == 1  # prefetch 1: nothing more until acked
+    conn.qos(promise, 5)
+    assert wait_until(lambda: len(got) == 5)
+    for message in got:
+        message.ack()
+    conn.cancel(promise)
+
+
+def test_async_declare_and_errors_reach_callback(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    results: Queue = Queue()
+    conn.queue_declare(queue, callback=lambda p, r: results.put(r))
+    assert results.get(timeout=10)["queue"] == queue
+    conn.queue_declare(names.queue("absent"), passive=True, callback=lambda p, r: results.put(r))
+    assert isinstance(results.get(timeout=10), NotFound)
+
+
+def test_thousand_greenlets_two_connections_exactly_once(app, names: Names) -> None:
+    state: AMQPState = app.extensions["amqp"]
+    pool = state.get_amqp_pool("publish")
+    queue = names.queue()
+    pool.connection().queue_declare(queue)
+    bodies = [f"m-{i}".encode() for i in range(1000)]
+    jobs = [gevent.spawn(pool.connection().publish, "", queue, body) for body in bodies]
+    gevent.joinall(jobs, timeout=60, raise_error=True)
+    assert all(job.successful() for job in jobs)
+    assert len(pool.connections()) == 2 and all(c.is_open for c in pool.connections())
+    received: Counter = Counter()
+    listen = state.get_amqp_pool("listen").connection()
+
+    def record(promise: int, message: object) -> None:
+        received[message.body] += 1  # type: ignore[attr-defined]
+        message.ack()  # type: ignore[attr-defined]
+
+    promise = listen.consume(queue, callback=record, prefetch_count=200)
+    assert wait_until(lambda: sum(received.values()) >= 1000, timeout=30)
+    gevent.sleep(0.2)
+    listen.cancel(promise)
+    assert set(received) == set(bodies)
+    assert all(count == 1 for count in received.values())
+
+
+def test_large_bodies(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    for size in (1 << 20, 16 << 20):
+        body = os.urandom(size)
+        conn.publish("", queue, body)
+        message = conn.consume(queue, timeout=60)
+        assert message is not None and len(message.body) == size and message.body == body
+        message.ack()
+
+
+def test_nothing_listening_fails_within_connect_timeout() -> None:
+    with socket.socket() as probe:
+        probe.bind((BROKER_HOST, 0))
+        port = probe.getsockname()[1]
+    app = make_app(AMQP_POOLS={"publish": {"port": port, "connect_timeout": 2, "password": "s3cret-pw"}})
+    AMQP(app)  # starting is fine: nothing connects yet
+    started = time.monotonic()
+    with pytest.raises(ConnectionError) as info:
+        app.extensions["amqp"].publish("", "q", b"x")
+    assert time.monotonic() - started < 3
+    assert str(port) in str(info.value) and "s3cret-pw" not in str(info.value)
+    assert not isinstance(info.value, ConnectionLost)
+
+
+def test_silent_peer_fails_after_connect_timeout() -> None:
+    server = gevent.socket.socket()
+    server.bind((BROKER_HOST, 0))
+    server.listen(5)  # accepts TCP, never speaks AMQP
+    try:
+        app = make_app(AMQP_POOLS={"publish": {"port": server.getsockname()[1], "connect_timeout": 0.5}})
+        AMQP(app)
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="connect_timeout"):
+            app.extensions["amqp"].queue_declare("q")
+        assert 0.4 < time.monotonic() - started < 3
+    finally:
+        server.close()
+
+
+def test_connection_forced_fails_waiters_and_next_call_reconnects(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    waiter = gevent.spawn(outcome, conn.consume, queue, timeout=30)  # a blocked greenlet
+    gevent.sleep(0.2)
+    old_session = conn._session
+    close_broker_connection(conn, "test cut")
+    error = waiter.get(timeout=10)
+    assert isinstance(error, ConnectionLost)
+    assert "test cut" in str(error)
+    conn.publish("", queue, b"after")  # opens a new session
+    assert conn._session is not old_session
+    message = conn.get(queue)
+    assert message is not None and message.body == b"after"
+    message.ack()
+
+
+def test_stale_message_from_dead_connection_cannot_be_acked(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    conn.publish("", queue, b"x")
+    message = conn.get(queue)
+    assert message is not None
+    close_broker_connection(conn)
+    assert wait_until(lambda: not conn.is_open)
+    with pytest.raises(MessageStateError, match="deliver it again"):
+        message.ack()
+    again = conn.get(queue)
+    assert again is not None and again.redelivered
+    again.ack()
+
+
+def test_consumer_resumes_after_connection_is_forced_closed(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    got: Queue = Queue()
+
+    def record(promise: int, message: object) -> None:
+        got.put(message.body)  # type: ignore[attr-defined]
+        message.ack()  # type: ignore[attr-defined]
+
+    promise = conn.consume(queue, callback=record)
+    conn.publish("", queue, b"before")
+    assert got.get(timeout=10) == b"before"
+    old_session = conn._session
+    close_broker_connection(conn)
+    assert wait_until(lambda: conn._session not in (None, old_session) and conn.is_open
+                      and conn._consumers[promise].started.ready(), timeout=15)
+    conn.publish("", queue, b"after")
+    received = [got.get(timeout=10)]
+    if received[0] == b"before":  # its ack may not have left before the cut: redelivered, at least once
+        received.append(got.get(timeout=10))
+    assert received[-1] == b"after"
+    assert conn.queue_declare(queue, passive=True)["consumer_count"] == 1  # exactly one consumer
+    conn.cancel(promise)
+
+
+def test_operation_timeout_raises_timeout(names: Names) -> None:
+    app = make_app(AMQP_POOLS={"publish": {"operation_timeout": 0.2}})
+    AMQP(app)
+    state = app.extensions["amqp"]
+    try:
+        queue = names.queue()
+        state.queue_declare(queue)
+        with pytest.raises(Timeout):
+            state.connection().cancel(state.connection().consume(queue, callback=lambda p, m: None), timeout=0)
+        assert issubclass(Timeout, TimeoutError)
+    finally:
+        state.close()
+
+
+def test_close_waits_for_pending_confirms(names: Names) -> None:
+    app = make_app()
+    AMQP(app)
+    state = app.extensions["amqp"]
+    queue = names.queue()
+    state.queue_declare(queue)
+    confirmed: list = []
+    for i in range(200):
+        state.publish("", queue, str(i), callback=lambda p, r: confirmed.append(r))
+    state.close(timeout=10)
+    assert len(confirmed) == 200 and all(r == {} for r in confirmed)
+    with pytest.raises(ConnectionError, match="closed"):
+        state.get_amqp_pool().connection().publish("", queue, b"x")
+
+
+def test_works_without_monkey_patching_and_does_not_block_the_hub(conn: PukaConnection, names: Names) -> None:
+    import gevent.monkey
+
+    assert not gevent.monkey.is_module_patched("socket")
+    queue = names.queue()
+    conn.queue_declare(queue)
+    ticks: list = []
+
+    def ticker() -> None:
+        while True:
+            ticks.append(1)
+            gevent.sleep(0.01)
+
+    tick = gevent.spawn(ticker)
+    message = conn.consume(queue, timeout=0.5)  # waits 0.5s for nothing
+    tick.kill()
+    assert message is None
+    assert len(ticks) >= 20  # the hub kept running other greenlets meanwhile
+
+
+def test_password_never_in_repr_or_errors(names: Names) -> None:
+    app = make_app(AMQP_URL="amqp://guest:wrong-Pa55word@127.0.0.1:5672/%2F")
+    AMQP(app)
+    state = app.extensions["amqp"]
+    conn = state.connection()
+    assert "wrong-Pa55word" not in repr(conn) + repr(state.get_amqp_pool()) + repr(conn.settings)
+    from flask_nucleon_amqp import AuthenticationError
+
+    started = time.monotonic()
+    with pytest.raises(AuthenticationError) as info:
+        conn.publish("", "q", b"x")
+    assert time.monotonic() - started < 2  # told at once, not after the broker's 3 s drop (D11)
+    assert "wrong-Pa55word" not in str(info.value)
+
+
+def test_unknown_vhost_is_a_clear_error() -> None:
+    app = make_app(AMQP_URL="amqp://guest:guest@127.0.0.1:5672/no-such-vhost")
+    AMQP(app)
+    from flask_nucleon_amqp import VhostNotAllowed
+
+    with pytest.raises(VhostNotAllowed, match="vhost"):
+        app.extensions["amqp"].publish("", "q", b"x")
