@@ -402,6 +402,15 @@ class FixedClient(puka.Client):  # type: ignore[misc]
     def on_read_handshake(self) -> None:
         self._tls_handshake()
 
+    # D2: a peer that is not an AMQP broker would leave puka waiting for a
+    # "frame" of gigabytes; check the first frame header instead.
+    def _handle_conn_read(self, data: bytes, offset: int) -> Any:
+        if len(data) - offset >= 7 and not data[offset:].startswith(b"AMQP"):
+            frame_type, _, size = unpack_from("!BHI", data, offset)
+            if frame_type != 0x01 or size > self.frame_max:
+                raise ConnectionBroken("the peer does not speak AMQP 0-9-1")
+        return super()._handle_conn_read(data, offset)
+
     # D12: a dead client says so instead of AttributeError.
     def fileno(self) -> int:
         if self.sd is None:

@@ -12,7 +12,8 @@ import gevent
 import pytest
 from gevent.queue import Queue
 
-from conftest import BROKER_HOST, Names, close_broker_connection, make_app, outcome, wait_until
+from _proxy import Proxy
+from conftest import BROKER_HOST, BROKER_PORT, Names, close_broker_connection, make_app, outcome, wait_until
 from flask_nucleon_amqp import (
     AMQP,
     AMQPState,
@@ -412,18 +413,27 @@ def test_consumer_resumes_after_connection_is_forced_closed(conn: PukaConnection
     conn.cancel(promise)
 
 
-def test_operation_timeout_raises_timeout(names: Names) -> None:
-    app = make_app(AMQP_POOLS={"publish": {"operation_timeout": 0.2}})
+def test_operation_timeout_raises_timeout_and_connection_recovers(names: Names) -> None:
+    proxy = Proxy((BROKER_HOST, BROKER_PORT))
+    app = make_app(AMQP_POOLS={"publish": {"port": proxy.port, "operation_timeout": 0.3, "heartbeat": 0}})
     AMQP(app)
     state = app.extensions["amqp"]
     try:
         queue = names.queue()
         state.queue_declare(queue)
+        proxy.stall()
+        started = time.monotonic()
+        with pytest.raises(Timeout, match="no answer within 0.3s"):
+            state.queue_declare(queue, passive=True)
         with pytest.raises(Timeout):
-            state.connection().cancel(state.connection().consume(queue, callback=lambda p, m: None), timeout=0)
+            state.publish("", queue, b"held", timeout=0.2)
+        assert time.monotonic() - started < 2
         assert issubclass(Timeout, TimeoutError)
+        proxy.resume()
+        assert state.queue_declare(queue, passive=True)["queue"] == queue
     finally:
-        state.close()
+        state.close(timeout=2)
+        proxy.close()
 
 
 def test_close_waits_for_pending_confirms(names: Names) -> None:

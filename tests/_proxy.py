@@ -1,0 +1,97 @@
+"""A small TCP proxy owned by a test, to inject faults between client and broker.
+
+It runs in gevent greenlets of the test process. ``stall()`` turns it into a
+faithful black hole (holds bytes both ways, hides FIN/RST), ``resume()``
+lets traffic flow again, ``cut()`` resets every live connection, and
+``refuse`` makes it reset new connections at once.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.socket
+
+
+class Proxy:
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = gevent.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port: int = self.listener.getsockname()[1]
+        self.flowing = gevent.event.Event()
+        self.flowing.set()
+        self.refuse = False
+        self.pairs: list[tuple[Any, Any]] = []
+        self.greenlets: list[gevent.Greenlet] = []
+        self.accepted = 0
+        self._acceptor = gevent.spawn(self._accept)
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            self.accepted += 1
+            if self.refuse:
+                _reset(client)
+                continue
+            try:
+                upstream = gevent.socket.create_connection(self.target)
+            except OSError:
+                _reset(client)
+                continue
+            self.pairs.append((client, upstream))
+            self.greenlets.append(gevent.spawn(self._pump, client, upstream))
+            self.greenlets.append(gevent.spawn(self._pump, upstream, client))
+
+    def _pump(self, source: Any, sink: Any) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                self.flowing.wait()  # a stalled proxy holds what it read
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if self.flowing.is_set():
+                for sock in (source, sink):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def stall(self) -> None:
+        """Black hole: nothing passes, nothing is closed."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
+    def cut(self) -> None:
+        """Reset every live connection (RST to the client)."""
+        for client, upstream in self.pairs:
+            _reset(client)
+            _reset(upstream)
+        self.pairs.clear()
+
+    def close(self) -> None:
+        self.flowing.set()
+        self.cut()
+        self._acceptor.kill()
+        gevent.killall(self.greenlets)
+        self.listener.close()
+
+
+def _reset(sock: Any) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    except OSError:
+        pass

@@ -1,0 +1,211 @@
+"""Each fix of flask_nucleon_amqp._puka, proven against the real broker (defect numbers as in _puka)."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import socket
+import time
+
+import gevent
+import pytest
+from gevent.queue import Queue
+
+from conftest import BROKER_HOST, Names, make_app, wait_until
+from flask_nucleon_amqp import AMQP, ConnectionError, PublishNacked, PukaConnection, Unroutable
+from flask_nucleon_amqp import _puka
+
+
+def test_binary_bodies_round_trip_byte_exact(conn: PukaConnection, names: Names) -> None:  # D1
+    queue = names.queue()
+    conn.queue_declare(queue)
+    bodies = [bytes(range(256)), b"\xff\xfe\x00\x80", b"", "é".encode("latin-1"), b"plain"]
+    for body in bodies:
+        conn.publish("", queue, body)
+    for body in bodies:
+        message = conn.get(queue)
+        assert message is not None
+        assert type(message.body) is bytes and message.body == body
+        message.ack()
+
+
+def test_unicode_header_keys_and_values_round_trip(conn: PukaConnection, names: Names) -> None:  # D3
+    queue = names.queue()
+    conn.queue_declare(queue)
+    headers = {"é": "é", "n": {"ü": ["ß", 1, 2.5, True, None]}, "emoji": "\N{SNAKE}", "big": 2**40,
+               "neg": -7, "dec": decimal.Decimal("1.25"), "when": datetime.datetime(2020, 1, 2, 3, 4, 5)}
+    conn.publish("", queue, b"x", headers=headers)
+    message = conn.get(queue)
+    assert message is not None
+    assert message.headers == headers
+    message.ack()
+    assert conn.is_open  # the broker did not kill the connection (it used to: 541)
+
+
+def test_non_utf8_header_bytes_come_back_as_bytes(conn: PukaConnection, names: Names) -> None:  # D5
+    queue = names.queue()
+    conn.queue_declare(queue)
+    conn.publish("", queue, b"x", headers={"raw": b"\xff\xfe", "ok": b"text"})
+    message = conn.get(queue)
+    assert message is not None
+    assert message.headers == {"raw": b"\xff\xfe", "ok": "text"}
+    message.ack()
+
+
+def test_non_ascii_names_and_short_strings(conn: PukaConnection, names: Names) -> None:  # D4
+    queue = names.queue("qé-ü")
+    conn.queue_declare(queue)
+    conn.publish("", queue, "ünïcode body", correlation_id="é-1", message_id="ß", app_id="ñ")
+    message = conn.get(queue)
+    assert message is not None
+    assert message.routing_key == queue
+    assert (message.text, message.correlation_id, message.message_id, message.app_id) == (
+        "ünïcode body", "é-1", "ß", "ñ")
+    message.ack()
+
+
+def test_broker_nack_fails_the_publish_and_keeps_the_connection(conn: PukaConnection, names: Names) -> None:  # D6
+    queue = names.queue()
+    conn.queue_declare(queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    conn.publish("", queue, b"fits")
+    with pytest.raises(PublishNacked):
+        conn.publish("", queue, b"refused")
+    results: Queue = Queue()
+    conn.publish("", queue, b"refused too", callback=lambda p, r: results.put(r))
+    assert isinstance(results.get(timeout=10), PublishNacked)
+    assert conn.queue_purge(queue) == {"message_count": 1}
+    conn.publish("", queue, b"accepted again")  # same connection still confirms
+
+
+def test_failed_encoding_does_not_shift_confirms(conn: PukaConnection, names: Names) -> None:  # D7, D8
+    queue, exchange = names.queue(), names.exchange()
+    conn.queue_declare(queue)
+    conn.exchange_declare(exchange, "fanout")
+    session = conn._session
+    with pytest.raises(TypeError):
+        conn.publish("", queue, b"x", headers={"bad": {1, 2}})
+    with pytest.raises(ValueError):
+        conn.queue_declare("x" * 300)
+    with pytest.raises(TypeError):
+        conn.queue_declare(names.queue(), arguments={"x-bad": object()})
+    conn.publish("", queue, b"after")  # confirmed: its own confirm, not a neighbour's
+    with pytest.raises(Unroutable):  # the return lands on the right message
+        conn.publish(exchange, "", b"nobody", mandatory=True)
+    assert conn._session is session
+    assert conn.queue_purge(queue) == {"message_count": 1}
+
+
+def test_unexpected_frames_are_dropped_not_fatal(conn: PukaConnection, names: Names) -> None:  # D9, D19
+    queue = names.queue()
+    conn.queue_declare(queue)
+    got: list = []
+    promise = conn.consume(queue, callback=lambda p, m: got.append(m))
+    conn.publish("", queue, b"x")
+    assert wait_until(lambda: got)
+    session = conn._session
+    conn.queue_delete(queue)  # the broker cancels the consumer (basic.cancel)
+    assert wait_until(lambda: not conn.has_consumer(promise))
+    assert conn._session is session and conn.is_open
+    names.queues.remove(queue)
+    assert conn.queue_declare(names.queue())["consumer_count"] == 0
+
+
+def test_dead_client_raises_connection_broken_not_attribute_error() -> None:  # D12
+    client = _puka.FixedClient("127.0.0.1", 1, "guest", "guest", "/")
+    client.sd = None
+    client.send_buf = None
+    with pytest.raises(_puka.ConnectionBroken):
+        client.fileno()
+    with pytest.raises(_puka.ConnectionBroken):
+        client._send(b"x")
+
+
+def test_tcp_nodelay_is_set(conn: PukaConnection) -> None:  # D15
+    conn.queue_declare("", exclusive=True)
+    sd = conn._session.client.sd  # type: ignore[union-attr]
+    assert sd.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_body_framing_uses_views_of_the_body() -> None:  # D16
+    body = bytes(64 << 20)
+    frames = _puka._body_frames(body, 131072)
+    assert len(frames) == -(-len(body) // (131072 - 8))
+    assert all(isinstance(payload, memoryview) and len(payload) <= 131072 - 8 for _, payload in frames)
+    assert sum(len(payload) for _, payload in frames) == len(body)
+
+
+def test_cancel_right_after_consume_and_qos(conn: PukaConnection, names: Names) -> None:  # D17
+    queue = names.queue()
+    conn.queue_declare(queue)
+    for _ in range(20):
+        promise = conn.consume(queue, callback=lambda p, m: None)
+        conn.qos(promise, 3)
+        conn.cancel(promise)
+    assert conn.queue_declare(queue, passive=True)["consumer_count"] == 0
+    assert conn.is_open
+
+
+def test_fire_and_forget_promises_are_freed(conn: PukaConnection, names: Names) -> None:  # D22
+    queue = names.queue()
+    conn.queue_declare(queue)
+    done: list = []
+    for i in range(500):
+        conn.publish("", queue, str(i), callback=lambda p, r: done.append(r))
+    assert wait_until(lambda: len(done) == 500)
+    assert len(conn._session.client.promises.all()) < 10  # type: ignore[union-attr]
+
+
+def test_property_names_in_headers_stay_headers(conn: PukaConnection, names: Names) -> None:  # D24
+    queue = names.queue()
+    conn.queue_declare(queue)
+    conn.publish("", queue, b"x", headers={"priority": "high", "type_": "t", "timestamp": "now"})
+    message = conn.get(queue)
+    assert message is not None
+    assert message.headers == {"priority": "high", "type_": "t", "timestamp": "now"}
+    assert message.priority is None and message.timestamp is None
+    message.ack()
+
+
+def test_timestamp_header_decodes_without_deprecated_calls(conn: PukaConnection, names: Names) -> None:  # D27
+    queue = names.queue()
+    conn.queue_declare(queue)
+    when = datetime.datetime(2030, 6, 7, 8, 9, 10)
+    conn.publish("", queue, b"x", headers={"when": when})
+    message = conn.get(queue)  # pytest turns any DeprecationWarning into an error
+    assert message is not None and message.headers["when"] == when
+    message.ack()
+
+
+def test_garbage_from_the_peer_fails_fast_instead_of_poisoning(names: Names) -> None:  # D2, D13
+    server = gevent.socket.socket()
+    server.bind((BROKER_HOST, 0))
+    server.listen(1)
+
+    def answer_garbage() -> None:
+        peer, _ = server.accept()
+        peer.recv(8)
+        peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" * 4)
+        gevent.sleep(5)
+        peer.close()
+
+    answering = gevent.spawn(answer_garbage)
+    try:
+        app = make_app(AMQP_POOLS={"publish": {"port": server.getsockname()[1], "connect_timeout": 5}})
+        AMQP(app)
+        started = time.monotonic()
+        with pytest.raises(ConnectionError):
+            app.extensions["amqp"].publish("", "q", b"x")
+        assert time.monotonic() - started < 2  # failed on the bad frame, not on the timeout
+    finally:
+        answering.kill()
+        server.close()
+
+
+def test_table_encoding_errors_name_the_key() -> None:  # D3, D24
+    with pytest.raises(TypeError, match=r"headers\['a'\]\['b'\]\[1\]"):
+        _puka.encode_table({"a": {"b": [1, object()]}}, "headers")
+    with pytest.raises(ValueError, match="64 bits"):
+        _puka.encode_table({"a": 2**64}, "headers")
+    with pytest.raises(ValueError, match="255"):
+        _puka.encode_table({"k" * 300: 1}, "headers")
+    assert _puka.encode_table({"é": "é"}) == b"\x00\x00\x00\x0a\x02\xc3\xa9S\x00\x00\x00\x02\xc3\xa9"
