@@ -17,6 +17,7 @@ background recovery greenlet.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import itertools
 import logging
 import random
@@ -404,6 +405,8 @@ class PukaConnection:
     def _connect_node(self, node: Node) -> _Session:
         timeout = self.settings.connect_timeout
         deadline = time.monotonic() + timeout
+        if _is_ip_address(node.host):
+            return self._connect_addresses(node, [node.host], deadline)
         infos = None
         try:
             with gevent.Timeout(timeout, False):
@@ -412,7 +415,9 @@ class PukaConnection:
             raise ConnectionError(f"cannot resolve {node.host}: {exc}", node.host, node.port) from None
         if infos is None:
             raise ConnectionError(f"cannot resolve {node.host} within {timeout:g}s", node.host, node.port)
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        return self._connect_addresses(node, list(dict.fromkeys(info[4][0] for info in infos)), deadline)
+
+    def _connect_addresses(self, node: Node, addresses: list[str], deadline: float) -> _Session:
         last: ConnectionError | None = None
         for address in addresses:  # every address of the name in turn, not only the first (D26)
             session = _Session(self, node, address)
@@ -993,6 +998,14 @@ class PukaConnection:
         self._session = None
         self._consumers.clear()
         self._dispatch_queue.clear()
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_prefetch(prefetch_count: Any) -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import weakref
+
+import gevent
+import gevent.monkey
 from typing import Any
 
 from .config import PoolSettings
@@ -91,6 +94,10 @@ class Pool:
 
 
 def _reset_pools_in_child() -> None:
+    if not gevent.monkey.is_module_patched("os"):
+        # A plain os.fork() leaves gevent's hub and resolver threads of the
+        # parent behind; gevent's own fork (or a patched os) does this for us.
+        gevent.reinit()
     for pool in list(_all_pools):
         pool._after_fork()
 

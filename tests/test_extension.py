@@ -1,0 +1,94 @@
+"""The Flask wiring: AMQP(app), init_app, current_app.amqp, app.extensions["amqp"]."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Flask, current_app
+
+from conftest import Names, make_app
+from flask_nucleon_amqp import AMQP, AMQPState
+
+
+def test_amqp_app_registers_extension_and_attribute() -> None:
+    app = make_app()
+    amqp = AMQP(app)
+    assert isinstance(app.extensions["amqp"], AMQPState)
+    assert app.amqp is app.extensions["amqp"]  # type: ignore[attr-defined]
+    with app.app_context():
+        assert current_app.amqp is app.extensions["amqp"]
+        assert amqp.get_amqp_pool() is current_app.amqp.get_amqp_pool(type="publish")
+    assert set(app.extensions["amqp"].pools) == {"publish", "listen"}
+
+
+def test_application_factory_pattern(names: Names) -> None:
+    amqp = AMQP()
+
+    def create_app() -> Flask:
+        app = make_app()
+        amqp.init_app(app)
+        return app
+
+    first, second = create_app(), create_app()
+    assert first.extensions["amqp"] is not second.extensions["amqp"]
+    queue = names.queue()
+    with second.app_context():
+        amqp.queue_declare(queue)  # the current app's pools
+        amqp.publish("", queue, b"x")
+        assert current_app.amqp.get_amqp_pool().connections()[0].is_open
+    assert first.extensions["amqp"].get_amqp_pool().connections() == []
+    with pytest.raises(RuntimeError, match="application context"):
+        amqp.get_amqp_pool()  # two apps and no context: which one?
+    for app in (first, second):
+        app.extensions["amqp"].close()
+
+
+def test_second_init_app_on_the_same_app_is_refused() -> None:
+    app = make_app()
+    amqp = AMQP(app)
+    with pytest.raises(RuntimeError, match="already"):
+        amqp.init_app(app)
+
+
+def test_unknown_pool_type_names_the_configured_ones(app: Flask) -> None:
+    with pytest.raises(KeyError, match="configured pools"):
+        app.extensions["amqp"].get_amqp_pool(type="nope")
+
+
+def test_extra_pools_and_config_defaults(names: Names) -> None:
+    app = make_app(AMQP_POOLS={"reports": {"size": 2}})
+    AMQP(app)
+    state = app.extensions["amqp"]
+    assert set(state.pools) == {"publish", "listen", "reports"}
+    assert app.config["AMQP_SHUTDOWN_TIMEOUT"] == 10.0
+    queue = names.queue()
+    state.get_amqp_pool("reports").connection().queue_declare(queue)
+    stats = state.stats()
+    assert stats["reports"]["open"] == 1 and stats["publish"]["open"] == 0
+    state.close()
+
+
+def test_request_handlers_use_current_app_amqp(app: Flask, client, names: Names) -> None:
+    queue = names.queue()
+    app.extensions["amqp"].queue_declare(queue)
+
+    @app.post("/send/<text>")
+    def send(text: str) -> dict:
+        current_app.amqp.publish("", queue, text)
+        return {"sent": text}
+
+    @app.get("/receive")
+    def receive() -> dict:
+        message = current_app.amqp.consume(queue, timeout=5)
+        current_app.amqp.ack(message)
+        return {"body": message.text}
+
+    assert client.post("/send/hello").json == {"sent": "hello"}
+    assert client.get("/receive").json == {"body": "hello"}
+
+
+def test_close_is_idempotent_and_never_raises(app: Flask) -> None:
+    state = app.extensions["amqp"]
+    state.queue_declare("", exclusive=True)
+    state.close()
+    state.close()
+    assert state.closed
