@@ -293,6 +293,16 @@ class _Consumer:
         self.box: AsyncResult = AsyncResult()
 
 
+class _Failed(dict):  # type: ignore[type-arg]
+    """A stand-in for a failed puka result, carrying our own exception."""
+
+    is_error = True
+
+    def __init__(self, exception: AMQPError) -> None:
+        super().__init__()
+        self.exception = exception
+
+
 def _settable(result_box: AsyncResult) -> Callable[[int, Any], None]:
     return lambda _number, result: result_box.set(result)
 
@@ -328,7 +338,10 @@ class PukaConnection:
         self.on_open: list[Callable[[PukaConnection], Any]] = []
         self.pending = 0
         self.blocked_reason: str | None = None
-        self.stats = {"opened": 0, "lost": 0, "published": 0, "confirmed": 0, "failed": 0, "delivered": 0}
+        #: Confirm boxes of synchronous publishes, so a broker alarm can fail them in time.
+        self._confirm_waiters: set[AsyncResult] = set()
+        self.stats = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0, "failed": 0,
+                      "delivered": 0}
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed" if self._closed else "idle"
@@ -436,7 +449,11 @@ class PukaConnection:
 
     def _after_open(self, session: _Session) -> None:
         for hook in list(self.on_open):
-            hook(self)
+            try:
+                hook(self)
+            except AMQPError:
+                # Consumers still resume; a missing queue then shows as their own error.
+                log.exception("on_open hook %r failed on %r", hook, self)
         for consumer in list(self._consumers.values()):
             if consumer.callback is not None and not consumer.cancelled:
                 self._start_consumer(consumer, session)
@@ -456,8 +473,7 @@ class PukaConnection:
                     session.death_reason or "closed by the broker")
         if len(self.settings.nodes) > 1:
             self._node_offset += 1  # try the next node first
-        if any(c.callback is not None for c in self._consumers.values()):
-            self._start_recovery()
+        self._start_recovery()
 
     def _start_recovery(self) -> None:
         if self._recovery is None or self._recovery.dead:
@@ -466,17 +482,16 @@ class PukaConnection:
     def _recover(self) -> None:
         """Reopen in the background, with capped, jittered back-off, so consumers resume."""
         delay = 0.1
-        while not self._closed and any(c.callback is not None for c in self._consumers.values()):
-            if self.is_open:
-                return
+        while not self._closed and not self.is_open:
             try:
                 self._open()
+                self.stats["recovered"] += 1
                 log.info("recovered connection to %s", self.settings.safe_url())
                 return
             except (AuthenticationError, VhostNotAllowed) as exc:
                 log.error("not reconnecting to %s: %s", self.settings.safe_url(), exc)
                 return
-            except ConnectionError as exc:
+            except AMQPError as exc:
                 log.warning("reconnect failed, retrying in %.1fs: %s", delay, exc)
             gevent.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
@@ -486,10 +501,22 @@ class PukaConnection:
             self.blocked_reason = str(reason or "blocked")
             self._unblocked.clear()
             log.warning("broker blocked publishing on %r: %s", self, self.blocked_reason)
+            gevent.spawn_later(self.settings.blocked_timeout, self._fail_blocked_publishes, self.blocked_reason)
         else:
             self.blocked_reason = None
             self._unblocked.set()
             log.info("broker unblocked publishing on %r", self)
+
+    def _fail_blocked_publishes(self, reason: str) -> None:
+        """A publish sent just before an alarm fails after blocked_timeout too, not operation_timeout."""
+        if self.blocked_reason is None:
+            return
+        error = ConnectionBlocked(f"broker blocked publishing ({reason}) for more than "
+                                  f"{self.settings.blocked_timeout:g}s (blocked_timeout); the message may "
+                                  "still be routed once the alarm clears")
+        for box in list(self._confirm_waiters):
+            if not box.ready():
+                box.set(_Failed(error))
 
     # -- calling puka ---------------------------------------------------------------------------
     def _error(self, result: Any, session: _Session, **context: Any) -> AMQPError:
@@ -572,7 +599,7 @@ class PukaConnection:
                 reply_to: str | None = None, expiration: int | str | None = None, message_id: str | None = None,
                 timestamp: int | datetime.datetime | None = None, type: str | None = None,
                 app_id: str | None = None, user_id: str | None = None,
-                callback: Callback | None = None, timeout: float | None = None) -> Any:
+                callback: Callback | None = None, timeout: float | None = None, retry: int = 0) -> Any:
         """Publish a message; synchronously, return once the broker confirmed it.
 
         ``body`` is bytes (sent as is) or str (sent as UTF-8); ``json=`` sends
@@ -583,6 +610,10 @@ class PukaConnection:
         :raises ConnectionLost: the connection died before the confirm: the
             message may or may not have been routed.
         :raises ConnectionBlocked: the broker blocked publishing for longer than ``blocked_timeout``.
+
+        ``retry=N`` (synchronous only) publishes again, up to N times, on a
+        new connection when the connection died before the confirm; the
+        broker may then hold the message twice.
         """
         properties: dict[str, Any] = {}
         data = encode_body(body, json, properties)
@@ -603,26 +634,20 @@ class PukaConnection:
         routing_key_b = _puka.shortstr(routing_key, "routing_key")
         if "headers" in properties:
             _puka.encode_table(properties["headers"], "headers")  # raise here, naming the header (D7, D8)
+        context = {"exchange": exchange, "routing_key": routing_key}
+        if callback is None:
+            for attempt in range(retry + 1):
+                try:
+                    return self._publish_and_wait(exchange_b, routing_key_b, data, properties, mandatory,
+                                                  timeout, context)
+                except ConnectionLost as exc:
+                    if attempt == retry:
+                        raise
+                    log.warning("publish to %r failed (%s); retrying on a new connection (%d of %d)",
+                                exchange, exc, attempt + 1, retry)
         session = self._live_session()
         self._wait_for_room(session)
-        context = {"exchange": exchange, "routing_key": routing_key}
         self.stats["published"] += 1
-        if callback is None:
-            box = AsyncResult()
-            self.pending += 1
-            try:
-                session.client.publish(exchange_b, routing_key_b, data, properties, mandatory,
-                                       callback=_settable(box))
-                session.schedule_flush()
-                try:
-                    self._wait(box, session, "publish", timeout, **context)
-                except Exception:
-                    self.stats["failed"] += 1
-                    raise
-                self.stats["confirmed"] += 1
-                return None
-            finally:
-                self.pending -= 1
         promise = next(_promise_ids)
         self.pending += 1
 
@@ -641,6 +666,27 @@ class PukaConnection:
         return promise
 
     basic_publish = publish
+
+    def _publish_and_wait(self, exchange: bytes, routing_key: bytes, data: bytes, properties: dict[str, Any],
+                          mandatory: bool, timeout: float | None, context: dict[str, str]) -> None:
+        session = self._live_session()
+        self._wait_for_room(session)
+        self.stats["published"] += 1
+        box = AsyncResult()
+        waiters = self._confirm_waiters
+        waiters.add(box)
+        self.pending += 1
+        try:
+            session.client.publish(exchange, routing_key, data, properties, mandatory, callback=_settable(box))
+            session.schedule_flush()
+            self._wait(box, session, "publish", timeout, **context)
+        except Exception:
+            self.stats["failed"] += 1
+            raise
+        finally:
+            self.pending -= 1
+            waiters.discard(box)
+        self.stats["confirmed"] += 1
 
     def _wait_for_room(self, session: _Session) -> None:
         """Backpressure: wait while the broker blocks us or our write buffer is full."""

@@ -379,8 +379,9 @@ def test_stale_message_from_dead_connection_cannot_be_acked(conn: PukaConnection
     conn.publish("", queue, b"x")
     message = conn.get(queue)
     assert message is not None
+    old_session = conn._session
     close_broker_connection(conn)
-    assert wait_until(lambda: not conn.is_open)
+    assert wait_until(lambda: conn._session is not old_session)
     with pytest.raises(MessageStateError, match="deliver it again"):
         message.ack()
     again = conn.get(queue)
@@ -493,3 +494,30 @@ def test_unknown_vhost_is_a_clear_error() -> None:
 
     with pytest.raises(VhostNotAllowed, match="vhost"):
         app.extensions["amqp"].publish("", "q", b"x")
+
+
+def test_publish_retry_on_a_new_connection(names: Names) -> None:
+    proxy = Proxy((BROKER_HOST, BROKER_PORT))
+    app = make_app(AMQP_POOLS={"publish": {"port": proxy.port, "heartbeat": 0}})
+    AMQP(app)
+    state = app.extensions["amqp"]
+    try:
+        queue = names.queue()
+        state.queue_declare(queue)
+        proxy.stall()
+        without_retry = gevent.spawn(outcome, state.publish, "", queue, b"lost in the cut")
+        with_retry = gevent.spawn(outcome, state.publish, "", queue, b"retried", retry=2)
+        gevent.sleep(0.3)
+        proxy.cut()  # the held bytes never reach the broker
+        proxy.resume()
+        assert isinstance(without_retry.get(timeout=10), ConnectionLost)  # reported, not dropped silently
+        assert with_retry.get(timeout=10) is None
+        bodies = []
+        while (message := state.get(queue)) is not None:
+            bodies.append(message.body)
+            message.ack()
+        assert bodies == [b"retried"]
+        assert state.stats()["publish"]["failed"] >= 2
+    finally:
+        state.close(timeout=2)
+        proxy.close()
