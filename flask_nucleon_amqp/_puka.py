@@ -144,7 +144,8 @@ def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
         (seconds,) = unpack_from(">Q", encoded, offset + 1)
         value = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(tzinfo=None)
         return value, offset + 9
-    return _original_decode_value(encoded, offset)
+    decoded: tuple[Any, int] = _original_decode_value(encoded, offset)
+    return decoded
 
 
 def _encode_connection_start_ok(client_properties: Any, mechanism: Any, response: Any, locale: Any) -> Any:
@@ -250,7 +251,7 @@ def _recv_method(self: Any, result: Any) -> None:
     callback(self, result)
 
 
-class _FrameBasicNack(puka_spec.Frame):
+class _FrameBasicNack(puka_spec.Frame):  # type: ignore[misc]
     name = "basic.nack"
     method_id = puka_spec.METHOD_BASIC_NACK
 
@@ -335,7 +336,9 @@ class FixedClient(puka.Client):  # type: ignore[misc]
     so that no password has to be put into (and parsed out of) a string.
     """
 
-    attach_methods = (machine_decorator, [])  # puka's metaclass wants this
+    attach_methods: tuple[Any, list[Any]] = (machine_decorator, [])  # puka's metaclass wants this
+    sd: Any
+    send_buf: Any
 
     def __init__(self, host: str, port: int, user: str, password: str, vhost: str, *,
                  heartbeat: int = 0, ssl_context: ssl.SSLContext | None = None,
@@ -376,6 +379,7 @@ class FixedClient(puka.Client):  # type: ignore[misc]
 
     # D25: TLS through an SSLContext, with SNI and host name checks.
     def _wrap_socket(self, sock: socket.socket) -> ssl.SSLSocket:
+        assert self.x_ssl_context is not None
         return self.x_ssl_context.wrap_socket(sock, server_hostname=self.x_server_hostname,
                                               do_handshake_on_connect=False)
 
@@ -471,7 +475,7 @@ class FixedClient(puka.Client):  # type: ignore[misc]
 
     # D7: encode first, then take a delivery tag. Also faster than puka's own
     # encoder, and only mandatory messages carry puka's tracking header.
-    @machine_decorator
+    @machine_decorator  # type: ignore[untyped-decorator]
     def publish(self, exchange: bytes, routing_key: bytes, body: bytes, properties: dict[str, Any],
                 mandatory: bool = False) -> Any:
         pt = self.x_publish_promise

@@ -135,7 +135,7 @@ POOL_KEYS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "heartbeat": (lambda k, v: _seconds(k, v, allow_zero=True),
                   "seconds between heartbeats; a peer silent for 2 intervals is dead; 0 turns them off (default 60)"),
     "connect_timeout": (_seconds, "seconds to open a connection before giving up (default 10)"),
-    "operation_timeout": (_seconds, "default seconds any blocking call (publish confirm, declare...) waits (default 30)"),
+    "operation_timeout": (_seconds, "seconds a blocking call (publish confirm, declare...) waits (default 30)"),
     "blocked_timeout": (_seconds, "seconds a publish waits while the broker blocks publishers (default 10)"),
     "max_buffer": (_positive_int, "bytes a connection buffers for writing before publishers wait (default 4 MiB)"),
     "tls": (_bool, "use TLS (implied by an amqps:// URL)"),

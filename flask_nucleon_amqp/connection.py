@@ -276,7 +276,7 @@ class _Session:
 class _Consumer:
     """A registered consumer; survives reconnects (it is started again on each new session)."""
 
-    def __init__(self, promise: int, queue: str, callback: Callable[[Message], Any] | None,
+    def __init__(self, promise: int, queue: str, callback: Callable[[int, Message], Any] | None,
                  prefetch_count: int, no_ack: bool, exclusive: bool, arguments: dict[str, Any]) -> None:
         self.promise = promise
         self.queue = queue
@@ -636,18 +636,18 @@ class PukaConnection:
             _puka.encode_table(properties["headers"], "headers")  # raise here, naming the header (D7, D8)
         context = {"exchange": exchange, "routing_key": routing_key}
         if callback is None:
-            for attempt in range(retry + 1):
+            for attempt in range(retry):
                 try:
                     return self._publish_and_wait(exchange_b, routing_key_b, data, properties, mandatory,
                                                   timeout, context)
                 except ConnectionLost as exc:
-                    if attempt == retry:
-                        raise
                     log.warning("publish to %r failed (%s); retrying on a new connection (%d of %d)",
                                 exchange, exc, attempt + 1, retry)
+            return self._publish_and_wait(exchange_b, routing_key_b, data, properties, mandatory, timeout, context)
         session = self._live_session()
         self._wait_for_room(session)
         self.stats["published"] += 1
+        user_callback = callback
         promise = next(_promise_ids)
         self.pending += 1
 
@@ -659,7 +659,7 @@ class PukaConnection:
             else:
                 self.stats["confirmed"] += 1
                 value = {}
-            self._dispatch(callback, promise, value)
+            self._dispatch(user_callback, promise, value)
 
         session.client.publish(exchange_b, routing_key_b, data, properties, mandatory, callback=confirmed)
         session.schedule_flush()
@@ -1081,7 +1081,8 @@ def _properties(**given: Any) -> dict[str, Any]:
                 raise ValueError(f"delivery_mode must be 1 (transient) or 2 (persistent), got {value!r}")
         elif name == "timestamp":
             if isinstance(value, datetime.datetime):
-                value = int(value.timestamp() if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc).timestamp())
+                aware = value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
+                value = int(aware.timestamp())
             elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TypeError(f"timestamp must be a datetime or a non-negative int, got {value!r}")
         elif name == "expiration":

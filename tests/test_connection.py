@@ -12,8 +12,6 @@ import gevent
 import pytest
 from gevent.queue import Queue
 
-from _proxy import Proxy
-from conftest import BROKER_HOST, BROKER_PORT, Names, close_broker_connection, make_app, outcome, wait_until
 from flask_nucleon_amqp import (
     AMQP,
     AMQPState,
@@ -26,6 +24,9 @@ from flask_nucleon_amqp import (
     Timeout,
     Unroutable,
 )
+
+from _proxy import Proxy
+from conftest import BROKER_HOST, BROKER_PORT, Names, close_broker_connection, make_app, outcome, wait_until
 
 
 def test_declare_returns_counts(conn: PukaConnection, names: Names) -> None:

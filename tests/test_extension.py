@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from flask import Flask, current_app
 
-from conftest import Names, make_app
 from flask_nucleon_amqp import AMQP, AMQPState
+
+from conftest import Names, make_app
 
 
 def test_amqp_app_registers_extension_and_attribute() -> None:

@@ -116,8 +116,9 @@ def test_configure_and_shut_down_topology(app: Flask, names: Names) -> None:
         connection.exchange_delete(room)
         connection.queue_delete(queue=listener1)
         connection.queue_delete(queue=listener2)
-        from flask_nucleon_amqp import NotFound
         import pytest
+
+        from flask_nucleon_amqp import NotFound
 
         with pytest.raises(NotFound):
             connection.queue_declare(listener1, passive=True)

@@ -7,9 +7,10 @@ import os
 import gevent
 import pytest
 
-from conftest import Names, make_app
 from flask_nucleon_amqp import AMQP, ConnectionError, Pool
 from flask_nucleon_amqp.config import read_config
+
+from conftest import Names, make_app
 
 
 def test_connections_are_created_lazily_and_shared_round_robin() -> None:

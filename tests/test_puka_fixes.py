@@ -11,9 +11,9 @@ import gevent
 import pytest
 from gevent.queue import Queue
 
+from flask_nucleon_amqp import AMQP, ConnectionError, PublishNacked, PukaConnection, Unroutable, _puka
+
 from conftest import BROKER_HOST, Names, make_app, wait_until
-from flask_nucleon_amqp import AMQP, ConnectionError, PublishNacked, PukaConnection, Unroutable
-from flask_nucleon_amqp import _puka
 
 
 def test_binary_bodies_round_trip_byte_exact(conn: PukaConnection, names: Names) -> None:  # D1
