@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import weakref
+from typing import Any
 
 import gevent
 import gevent.monkey
-from typing import Any
 
 from .config import PoolSettings
 from .connection import PukaConnection
