@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import signals
 from .config import PoolSettings
 from .connection import PukaConnection
 from .exceptions import (
@@ -29,6 +30,7 @@ from .pool import Pool
 __version__ = "0.1.0"
 
 __all__ = [
+    "signals",
     "AMQP",
     "AMQPState",
     "Pool",

@@ -206,6 +206,18 @@ def encode_properties(properties: dict[str, Any], body_size: int) -> bytes:
     return pack("!HHQH", 60, 0, body_size, flags) + b"".join(parts)
 
 
+def publish_frames(exchange: bytes, routing_key: bytes, body: bytes, properties: dict[str, Any],
+                   mandatory: bool, frame_max: int) -> list[tuple[int, Any]]:
+    """The frames of one basic.publish: method, content header, body."""
+    frames: list[tuple[int, Any]] = [
+        (0x01, b"".join((_METHOD_BASIC_PUBLISH, pack("B", len(exchange)), exchange,
+                         pack("B", len(routing_key)), routing_key, b"\x01" if mandatory else b"\x00"))),
+        (0x02, encode_properties(properties, len(body))),
+    ]
+    frames.extend(_body_frames(body, frame_max))
+    return frames
+
+
 def _body_frames(body: bytes, frame_max: int) -> list[tuple[int, Any]]:
     """Split a body into frames without re-slicing the rest each time (D16)."""
     limit = frame_max - 8
@@ -483,12 +495,7 @@ class FixedClient(puka.Client):  # type: ignore[misc]
             headers = dict(properties.get("headers") or {})
             headers["x-puka-delivery-tag"] = pt.x_delivery_tag
             properties = {**properties, "headers": headers}
-        frames = [
-            (0x01, b"".join((_METHOD_BASIC_PUBLISH, pack("B", len(exchange)), exchange,
-                             pack("B", len(routing_key)), routing_key, b"\x01" if mandatory else b"\x00"))),
-            (0x02, encode_properties(properties, len(body))),
-        ]
-        frames.extend(_body_frames(body, self.frame_max))
+        frames = publish_frames(exchange, routing_key, body, properties, mandatory, self.frame_max)
         delivery_tag = pt.x_delivery_tag
         pt.x_delivery_tag += 1
         t = self.promises.new(puka_machine._nothing, no_channel=True)

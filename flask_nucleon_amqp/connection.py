@@ -33,7 +33,7 @@ import gevent.socket
 from gevent.event import AsyncResult, Event
 from puka import spec as puka_spec
 
-from . import _puka
+from . import _puka, signals
 from .config import Node, PoolSettings
 from .exceptions import (
     AMQPError,
@@ -43,6 +43,7 @@ from .exceptions import (
     ConnectionLost,
     MessageStateError,
     Timeout,
+    Unroutable,
     VhostNotAllowed,
     error_from_reply,
 )
@@ -118,7 +119,10 @@ class _Session:
 
     def _on_connection_event(self, _number: int, result: Any) -> None:
         if self.opened:
-            return  # the close that follows is handled when the I/O greenlet ends
+            # The broker closed the connection (or we did); the I/O greenlet ends next.
+            if result.is_error and result.get("reply_code") and self.death_reason is None:
+                self.death_reason = f"{result['reply_code']} {result.get('reply_text', '')}".strip()
+            return
         if not result.is_error:
             self.opened = True
             self.server_properties = dict(result.get("server_properties") or {})
@@ -293,6 +297,15 @@ class _Consumer:
         self.box: AsyncResult = AsyncResult()
 
 
+def _emit(signal: Any, sender: Any, **kwargs: Any) -> None:
+    """Send a blinker signal if anyone listens; a failing receiver never breaks the connection."""
+    if signal.receivers:
+        try:
+            signal.send(sender, **kwargs)
+        except Exception:  # noqa: BLE001
+            log.exception("a receiver of %s raised", signal.name)
+
+
 class _Failed(dict):  # type: ignore[type-arg]
     """A stand-in for a failed puka result, carrying our own exception."""
 
@@ -338,10 +351,14 @@ class PukaConnection:
         self.on_open: list[Callable[[PukaConnection], Any]] = []
         self.pending = 0
         self.blocked_reason: str | None = None
+        self._replies: dict[str, AsyncResult] = {}
+        self._reply_consumer: _Consumer | None = None
         #: Confirm boxes of synchronous publishes, so a broker alarm can fail them in time.
         self._confirm_waiters: set[AsyncResult] = set()
-        self.stats = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0, "failed": 0,
-                      "delivered": 0}
+        self._blocked_since = 0.0
+        self.stats: dict[str, Any] = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0,
+                                      "failed": 0, "delivered": 0, "acked": 0, "rejected": 0,
+                                      "blocked_seconds": 0.0}
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed" if self._closed else "idle"
@@ -443,6 +460,7 @@ class PukaConnection:
                 continue
             log.info("connected to %s (%s pool)", self.settings.safe_url(node), self.settings.name)
             self.stats["opened"] += 1
+            _emit(signals.connection_opened, self, node=str(node))
             return session
         assert last is not None
         raise last
@@ -469,8 +487,9 @@ class PukaConnection:
         if self._closed:
             log.info("closed connection to %s", self.settings.safe_url(session.node))
             return
-        log.warning("connection to %s lost: %s", self.settings.safe_url(session.node),
-                    session.death_reason or "closed by the broker")
+        reason = session.death_reason or "closed by the broker"
+        log.warning("connection to %s lost: %s", self.settings.safe_url(session.node), reason)
+        _emit(signals.connection_lost, self, node=str(session.node), reason=reason)
         if len(self.settings.nodes) > 1:
             self._node_offset += 1  # try the next node first
         self._start_recovery()
@@ -487,6 +506,8 @@ class PukaConnection:
                 self._open()
                 self.stats["recovered"] += 1
                 log.info("recovered connection to %s", self.settings.safe_url())
+                node = self._session.node if self._session is not None else self.settings.nodes[0]
+                _emit(signals.connection_recovered, self, node=str(node))
                 return
             except (AuthenticationError, VhostNotAllowed) as exc:
                 log.error("not reconnecting to %s: %s", self.settings.safe_url(), exc)
@@ -500,12 +521,16 @@ class PukaConnection:
         if blocked:
             self.blocked_reason = str(reason or "blocked")
             self._unblocked.clear()
+            self._blocked_since = time.monotonic()
             log.warning("broker blocked publishing on %r: %s", self, self.blocked_reason)
+            _emit(signals.connection_blocked, self, reason=self.blocked_reason)
             gevent.spawn_later(self.settings.blocked_timeout, self._fail_blocked_publishes, self.blocked_reason)
         else:
             self.blocked_reason = None
+            self.stats["blocked_seconds"] += time.monotonic() - self._blocked_since
             self._unblocked.set()
             log.info("broker unblocked publishing on %r", self)
+            _emit(signals.connection_unblocked, self)
 
     def _fail_blocked_publishes(self, reason: str) -> None:
         """A publish sent just before an alarm fails after blocked_timeout too, not operation_timeout."""
@@ -557,11 +582,16 @@ class PukaConnection:
         session.schedule_flush()
         return promise
 
-    def _wait(self, box: AsyncResult, session: _Session, what: str, timeout: float | None, **context: Any) -> Any:
+    def _wait_raw(self, box: AsyncResult, session: _Session, what: str, timeout: float | None) -> Any:
+        """Wait for a puka result; a Timeout when none arrives in time."""
         limit = self.settings.operation_timeout if timeout is None else timeout
         result = box.wait(limit)
         if result is None and not box.ready():
             raise Timeout(f"{what} on {self.settings.safe_url(session.node)} got no answer within {limit:g}s")
+        return result
+
+    def _wait(self, box: AsyncResult, session: _Session, what: str, timeout: float | None, **context: Any) -> Any:
+        result = self._wait_raw(box, session, what, timeout)
         if result.is_error:
             raise self._error(result, session, **context)
         return dict(result)
@@ -646,23 +676,19 @@ class PukaConnection:
             return self._publish_and_wait(exchange_b, routing_key_b, data, properties, mandatory, timeout, context)
         session = self._live_session()
         self._wait_for_room(session)
-        self.stats["published"] += 1
         user_callback = callback
         promise = next(_promise_ids)
         self.pending += 1
+        started = time.monotonic()
 
         def confirmed(_number: int, result: Any) -> None:
             self.pending -= 1
-            if result.is_error:
-                self.stats["failed"] += 1
-                value: Any = self._error(result, session, **context)
-            else:
-                self.stats["confirmed"] += 1
-                value = {}
+            value: Any = self._publish_outcome(result, session, context, started)
             self._dispatch(user_callback, promise, value)
 
         session.client.publish(exchange_b, routing_key_b, data, properties, mandatory, callback=confirmed)
         session.schedule_flush()
+        self._published(context, len(data))
         return promise
 
     basic_publish = publish
@@ -671,22 +697,43 @@ class PukaConnection:
                           mandatory: bool, timeout: float | None, context: dict[str, str]) -> None:
         session = self._live_session()
         self._wait_for_room(session)
-        self.stats["published"] += 1
         box = AsyncResult()
         waiters = self._confirm_waiters
         waiters.add(box)
         self.pending += 1
+        started = time.monotonic()
         try:
             session.client.publish(exchange, routing_key, data, properties, mandatory, callback=_settable(box))
             session.schedule_flush()
-            self._wait(box, session, "publish", timeout, **context)
-        except Exception:
-            self.stats["failed"] += 1
-            raise
+            self._published(context, len(data))
+            result = box.wait(self.settings.operation_timeout if timeout is None else timeout)
         finally:
             self.pending -= 1
             waiters.discard(box)
+        outcome = self._publish_outcome(result, session, context, started)
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+    def _published(self, context: dict[str, str], size: int) -> None:
+        self.stats["published"] += 1
+        _emit(signals.message_published, self, body_size=size, **context)
+
+    def _publish_outcome(self, result: Any, session: _Session, context: dict[str, str], started: float) -> Any:
+        """Count and signal one publish's outcome: ``{}`` when confirmed, else the exception."""
+        if result is None:  # timed out
+            self.stats["failed"] += 1
+            return Timeout(f"publish on {self.settings.safe_url(session.node)} was not confirmed within "
+                           "the timeout; the message may still be routed")
+        if result.is_error:
+            self.stats["failed"] += 1
+            error = self._error(result, session, **context)
+            if isinstance(error, Unroutable):
+                _emit(signals.message_returned, self, error=error, **context)
+            return error
         self.stats["confirmed"] += 1
+        if signals.message_confirmed.receivers:
+            _emit(signals.message_confirmed, self, seconds=time.monotonic() - started, **context)
+        return {}
 
     def _wait_for_room(self, session: _Session) -> None:
         """Backpressure: wait while the broker blocks us or our write buffer is full."""
@@ -782,6 +829,7 @@ class PukaConnection:
         message = Message.from_frame(result, self, (session, channel, consumer.puka_number,
                                                     consumer.no_ack and consumer.callback is not None))
         self.stats["delivered"] += 1
+        _emit(signals.message_received, self, message=message)
         if consumer.callback is None:  # the one-shot consumer of a synchronous consume
             box = consumer.box
             if box.ready() or consumer.cancelled:
@@ -848,7 +896,10 @@ class PukaConnection:
         number = frame["promise_number"]
         puka_promise = session.client.promises._promises.get(number)
         channel = puka_promise.channel if puka_promise is not None else None
-        return Message.from_frame(frame, self, (session, channel, number, no_ack))
+        message = Message.from_frame(frame, self, (session, channel, number, no_ack))
+        self.stats["delivered"] += 1
+        _emit(signals.message_received, self, message=message)
+        return message
 
     basic_get = get
 
@@ -875,6 +926,12 @@ class PukaConnection:
         if puka_promise is not None and puka_promise.refcnt > 0:
             puka_promise.refcnt_dec()  # lets puka release a get's channel
         session.schedule_flush()
+        if action == "ack":
+            self.stats["acked"] += 1
+            _emit(signals.message_acked, self, message=message)
+        else:
+            self.stats["rejected"] += 1
+            _emit(signals.message_rejected, self, message=message, requeue=requeue)
 
     def ack(self, message: Message) -> None:
         """Acknowledge a message: processed, never to be delivered again."""
@@ -1005,6 +1062,80 @@ class PukaConnection:
         return self._call("queue_unbind", (_puka.shortstr(queue, "queue"), _puka.shortstr(exchange, "exchange"),
                                            _puka.shortstr(routing_key, "routing_key")),
                           callback, timeout, arguments=_arguments(arguments))
+
+    # -- request / reply --------------------------------------------------------------------------
+    def call(self, exchange: str, routing_key: str, body: bytes | str | None = None, *,
+             json: Any = _NOTHING, headers: dict[str, Any] | None = None, timeout: float | None = None,
+             **properties: Any) -> Message:
+        """Publish a request and wait for its reply, using RabbitMQ's direct reply-to.
+
+        The reply is the first message published to the request's ``reply_to``
+        with its ``correlation_id``. A reply that arrives after ``timeout`` is
+        dropped.
+
+        :raises Timeout: no reply within ``timeout``.
+        :raises Unroutable: no queue took the request.
+        """
+        limit = self.settings.operation_timeout if timeout is None else timeout
+        reply_channel = self._reply_channel(limit)
+        correlation_id = f"rpc-{next(_promise_ids)}"
+        box: AsyncResult = AsyncResult()
+        self._replies[correlation_id] = box
+        try:
+            props = _properties(**{**properties, "correlation_id": correlation_id,
+                                   "reply_to": "amq.rabbitmq.reply-to"})
+            data = encode_body(body, json, props)
+            if headers:
+                props["headers"] = headers
+            session = self._live_session()
+            # Direct reply-to wants the request published on the channel that consumes the replies;
+            # that channel is not in confirm mode, so the frames are sent as they are.
+            frames = _puka.publish_frames(_puka.shortstr(exchange, "exchange"),
+                                          _puka.shortstr(routing_key, "routing_key"), data, props, True,
+                                          session.client.frame_max)
+            session.client._send_frames(reply_channel, frames)
+            session.schedule_flush()
+            reply = box.wait(limit)
+            if reply is None and not box.ready():
+                raise Timeout(f"no reply to {exchange!r}/{routing_key!r} within {limit:g}s")
+            if isinstance(reply, BaseException):
+                raise reply
+            assert isinstance(reply, Message)
+            return reply
+        finally:
+            self._replies.pop(correlation_id, None)
+
+    def _reply_channel(self, timeout: float) -> int:
+        """The channel number of this connection's reply-to consumer, started on first use."""
+        consumer = self._reply_consumer
+        if consumer is None or consumer.promise not in self._consumers:
+            promise = self.consume("amq.rabbitmq.reply-to", self._on_reply, no_ack=True, timeout=timeout)
+            consumer = self._reply_consumer = self._consumers[promise]
+        else:
+            consumer.started.wait(timeout)
+        session = consumer.session
+        assert session is not None
+        puka_promise = session.client.promises._promises.get(consumer.puka_number)
+        if puka_promise is None or puka_promise.channel is None:
+            raise ConnectionLost("the reply consumer is gone", session.node.host, session.node.port)
+        if puka_spec.METHOD_BASIC_RETURN not in puka_promise.methods:
+            puka_promise.register(puka_spec.METHOD_BASIC_RETURN, self._on_request_returned)
+        return int(puka_promise.channel.number)
+
+    def _on_request_returned(self, puka_promise: Any, result: Any) -> None:
+        """A request no queue took comes back on the reply channel: fail its call at once."""
+        puka_promise.register(puka_spec.METHOD_BASIC_RETURN, self._on_request_returned)
+        box = self._replies.get((result.get("properties") or {}).get("correlation_id", ""))
+        if box is not None and not box.ready():
+            box.set(Unroutable(str(result.get("reply_text", "NO_ROUTE")), str(result.get("exchange", "")),
+                               str(result.get("routing_key", ""))))
+
+    def _on_reply(self, _promise: int, message: Message) -> None:
+        box = self._replies.get(message.correlation_id or "")
+        if box is None:
+            log.debug("dropped a late or unknown reply %r", message.correlation_id)
+        elif not box.ready():
+            box.set(message)
 
     # -- closing --------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:

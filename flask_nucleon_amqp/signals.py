@@ -1,0 +1,46 @@
+"""Blinker signals, in the style of Flask's own.
+
+Each is sent with the :class:`PukaConnection` as sender. Receivers run in the
+greenlet that did the work (often the connection's I/O greenlet): keep them
+quick and never block in them.
+
+====================== ===========================================================
+signal                 keyword arguments
+====================== ===========================================================
+message_published      exchange, routing_key, body_size
+message_confirmed      exchange, routing_key, seconds (publish to confirm)
+message_returned       exchange, routing_key, error (an unroutable mandatory message)
+message_received       message
+message_acked          message
+message_rejected       message, requeue (reject and nack)
+connection_opened      node (host:port)
+connection_lost        node, reason
+connection_recovered   node
+connection_blocked     reason
+connection_unblocked   (none)
+====================== ===========================================================
+"""
+
+from __future__ import annotations
+
+from blinker import Namespace
+
+__all__ = [
+    "message_published", "message_confirmed", "message_returned", "message_received", "message_acked",
+    "message_rejected", "connection_opened", "connection_lost", "connection_recovered", "connection_blocked",
+    "connection_unblocked",
+]
+
+_signals = Namespace()
+
+message_published = _signals.signal("amqp-message-published")
+message_confirmed = _signals.signal("amqp-message-confirmed")
+message_returned = _signals.signal("amqp-message-returned")
+message_received = _signals.signal("amqp-message-received")
+message_acked = _signals.signal("amqp-message-acked")
+message_rejected = _signals.signal("amqp-message-rejected")
+connection_opened = _signals.signal("amqp-connection-opened")
+connection_lost = _signals.signal("amqp-connection-lost")
+connection_recovered = _signals.signal("amqp-connection-recovered")
+connection_blocked = _signals.signal("amqp-connection-blocked")
+connection_unblocked = _signals.signal("amqp-connection-unblocked")
