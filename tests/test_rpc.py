@@ -7,8 +7,9 @@ import time
 import gevent
 import pytest
 
-from conftest import Names
 from flask_nucleon_amqp import Message, PukaConnection, Timeout, Unroutable
+
+from conftest import Names
 
 
 def _serve(conn: PukaConnection, queue: str, delay: float = 0.0) -> int:

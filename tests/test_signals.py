@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from conftest import Names, close_broker_connection, wait_until
 from flask_nucleon_amqp import PukaConnection, Unroutable, signals
+
+from conftest import Names, close_broker_connection, wait_until
 
 
 @pytest.fixture
