@@ -58,8 +58,15 @@ class Pool:
         self._next = (index + 1) % len(self._connections)
         conn = self._connections[index]
         if conn is None:
-            conn = self._connections[index] = PukaConnection(self.settings, index)
+            conn = self._connections[index] = self._new_connection(index)
         return conn
+
+    def _new_connection(self, index: int) -> PukaConnection:
+        if self.settings.transport == "memory":
+            from .memory import MemoryConnection  # only tests need it
+
+            return MemoryConnection(self.settings, index)  # type: ignore[return-value]
+        return PukaConnection(self.settings, index)
 
     def connections(self) -> list[PukaConnection]:
         """The connections created so far."""
