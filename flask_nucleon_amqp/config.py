@@ -69,10 +69,14 @@ class PoolSettings:
     blocked_timeout: float = 10.0
     max_buffer: int = 4 * 1024 * 1024
     tls: TLSSettings | None = None
+    #: "amqp" (a real broker) or "memory" (the in-process broker of flask_nucleon_amqp.memory, for tests).
+    transport: str = "amqp"
 
     def safe_url(self, node: Node | None = None) -> str:
         """The broker URL with the password masked, for logs and status output."""
         node = node or self.nodes[0]
+        if self.transport == "memory":
+            return f"memory://{node.host}"
         scheme = "amqps" if self.tls else "amqp"
         return f"{scheme}://{quote(self.user, safe='')}:***@{node}/{quote(self.vhost, safe='')}"
 
@@ -160,13 +164,16 @@ def parse_url(key: str, url: Any) -> dict[str, Any]:
     ``?heartbeat=`` and ``?connect_timeout=`` are understood.
     """
     url = _text(key, url)
+    if url.startswith("memory://"):
+        # In-process broker for tests: memory://NAME shares state between pools naming the same NAME.
+        return {"transport": "memory", "host": url[len("memory://"):].strip("/") or "default", "port": 1}
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise ConfigError(key, f"malformed URL: {_mask(url)} ({exc})") from None
     if parts.scheme not in ("amqp", "amqps"):
-        raise ConfigError(key, f"URL must start with amqp:// or amqps://, got {_mask(url)}")
+        raise ConfigError(key, f"URL must start with amqp://, amqps:// or memory://, got {_mask(url)}")
     if "@" in parts.netloc and not parts.hostname:
         raise ConfigError(key, f"malformed URL (no host): {_mask(url)}")
     out: dict[str, Any] = {"tls": parts.scheme == "amqps"}
@@ -261,7 +268,14 @@ def read_config(config: Mapping[str, Any]) -> dict[str, PoolSettings]:
 
 #: Keys read by other modules (topology, listeners); registered here so that
 #: the unknown-key check accepts them.
-EXTRA_APP_KEYS: dict[str, Any] = {}
+EXTRA_APP_KEYS: dict[str, Any] = {
+    #: Exchanges, queues and bindings to declare (dict form: see topology.topology_from_config).
+    "AMQP_TOPOLOGY": {},
+    #: Declare the topology when a process initialises and after every reconnect.
+    "AMQP_DECLARE_ON_START": True,
+    #: Start listeners when a web process initialises; False leaves them to `flask amqp listen`.
+    "AMQP_START_LISTENERS": True,
+}
 
 
 def with_overrides(settings: PoolSettings, **changes: Any) -> PoolSettings:
