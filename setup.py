@@ -24,7 +24,8 @@ setup(
         "gevent>=22.10",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-flask>=1.3", "pytest-timeout>=2.1", "gunicorn>=21"],
+        "test": ["pytest>=7", "pytest-flask>=1.3", "pytest-timeout>=2.1", "gunicorn>=21", "prometheus_client>=0.17"],
+        "prometheus": ["prometheus_client>=0.17"],
         "bench": ["pika>=1.3", "kombu>=5.3"],
     },
     entry_points={
