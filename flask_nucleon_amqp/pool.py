@@ -34,6 +34,8 @@ class Pool:
         self._next = 0
         self._pid = os.getpid()
         self.closed = False
+        self._probe: gevent.Greenlet | None = None
+        self._last_error: str | None = "not connected yet"
         _all_pools.add(self)
 
     def __repr__(self) -> str:
@@ -82,6 +84,32 @@ class Pool:
             for key, value in conn.stats.items():
                 total[key] = total.get(key, 0) + value
         return total
+
+    def health(self) -> dict[str, Any]:
+        """Is the pool connected? Cheap enough to call every second: it never waits.
+
+        When no connection is open it starts one opening attempt in the
+        background (at most one at a time) and reports the last error.
+        """
+        connections = self.connections()
+        open_count = sum(conn.is_open for conn in connections)
+        if open_count == 0 and not self.closed and (self._probe is None or self._probe.dead):
+            self._probe = gevent.spawn(self._try_to_connect)
+        return {
+            "ok": open_count > 0,
+            "open": open_count,
+            "size": self.settings.size,
+            "blocked": any(conn.blocked for conn in connections),
+            "broker": self.settings.safe_url(),
+            "error": None if open_count else self._last_error,
+        }
+
+    def _try_to_connect(self) -> None:
+        try:
+            self.connection()._live_session()
+            self._last_error = None
+        except Exception as exc:  # noqa: BLE001 - reported by health()
+            self._last_error = f"{type(exc).__name__}: {exc}"
 
     def close(self, timeout: float = 10.0) -> None:
         """Close every connection, waiting up to ``timeout`` for pending work."""

@@ -10,7 +10,7 @@ import pytest
 from flask_nucleon_amqp import AMQP, ConnectionError, Pool
 from flask_nucleon_amqp.config import read_config
 
-from conftest import Names, make_app
+from conftest import Names, make_app, wait_until
 
 
 def test_connections_are_created_lazily_and_shared_round_robin() -> None:
@@ -105,4 +105,24 @@ def test_fork_child_opens_its_own_connections(host: str, names: Names) -> None:
     assert {m.body for m in remaining if m} == {b"from child", b"parent after fork"}
     for message in remaining:
         message.ack()
+    state.close()
+
+
+def test_health_never_waits_and_reports_up_and_down(names: Names) -> None:
+    app = make_app(AMQP_POOLS={"publish": {"size": 1}, "listen": {"port": 1, "connect_timeout": 0.5}})
+    AMQP(app)
+    state = app.extensions["amqp"]
+    publish, listen = state.get_amqp_pool("publish"), state.get_amqp_pool("listen")
+    first = publish.health()
+    assert first["ok"] is False and first["open"] == 0  # nothing opened yet: a background attempt starts
+    assert wait_until(lambda: publish.health()["ok"], timeout=10)
+    assert publish.health() == {"ok": True, "open": 1, "size": 1, "blocked": False,
+                                "broker": "amqp://guest:***@127.0.0.1:5672/%2F", "error": None}
+    listen.health()
+    assert wait_until(lambda: "ConnectionError" in (listen.health()["error"] or ""), timeout=10)
+    assert listen.health()["ok"] is False
+    opened_before = publish.stats()["opened"]
+    for _ in range(50):
+        publish.health()
+    assert publish.stats()["opened"] == opened_before  # no new connection per call
     state.close()
