@@ -107,6 +107,8 @@ class _Session:
             self.client.connect(callback=self._on_connection_event)
         except OSError as exc:
             self.alive = False
+            if self.client.sd is not None:  # puka made the socket before connect() failed
+                self.client.sd.close()
             raise ConnectionError(f"cannot connect to {where}: {exc}", self.node.host, self.node.port) from None
         self.io = gevent.spawn(self._run)
         if not self.ready.wait(timeout) and not self.ready.ready():
@@ -469,7 +471,7 @@ class PukaConnection:
         for hook in list(self.on_open):
             try:
                 hook(self)
-            except AMQPError:
+            except Exception:  # noqa: BLE001
                 # Consumers still resume; a missing queue then shows as their own error.
                 log.exception("on_open hook %r failed on %r", hook, self)
         for consumer in list(self._consumers.values()):
@@ -477,12 +479,12 @@ class PukaConnection:
                 self._start_consumer(consumer, session)
 
     def _session_died(self, session: _Session) -> None:
+        if not session.opened:
+            return  # a failed attempt; the caller has its error
         if self._session is session:
             self._session = None
-        self.blocked_reason = None
-        self._unblocked.set()
-        if not session.opened:
-            return
+        if self.blocked_reason is not None:  # an alarm belongs to the connection that got it
+            self._on_blocked(False, None)
         self.stats["lost"] += 1
         if self._closed:
             log.info("closed connection to %s", self.settings.safe_url(session.node))
@@ -524,7 +526,7 @@ class PukaConnection:
             self._blocked_since = time.monotonic()
             log.warning("broker blocked publishing on %r: %s", self, self.blocked_reason)
             _emit(signals.connection_blocked, self, reason=self.blocked_reason)
-            gevent.spawn_later(self.settings.blocked_timeout, self._fail_blocked_publishes, self.blocked_reason)
+            gevent.spawn_later(self.settings.blocked_timeout, self._fail_blocked_publishes, self._blocked_since)
         else:
             self.blocked_reason = None
             self.stats["blocked_seconds"] += time.monotonic() - self._blocked_since
@@ -532,11 +534,11 @@ class PukaConnection:
             log.info("broker unblocked publishing on %r", self)
             _emit(signals.connection_unblocked, self)
 
-    def _fail_blocked_publishes(self, reason: str) -> None:
+    def _fail_blocked_publishes(self, since: float) -> None:
         """A publish sent just before an alarm fails after blocked_timeout too, not operation_timeout."""
-        if self.blocked_reason is None:
-            return
-        error = ConnectionBlocked(f"broker blocked publishing ({reason}) for more than "
+        if self.blocked_reason is None or self._blocked_since != since:
+            return  # unblocked meanwhile (perhaps blocked again since: that alarm has its own timer)
+        error = ConnectionBlocked(f"broker blocked publishing ({self.blocked_reason}) for more than "
                                   f"{self.settings.blocked_timeout:g}s (blocked_timeout); the message may "
                                   "still be routed once the alarm clears")
         for box in list(self._confirm_waiters):
@@ -582,16 +584,12 @@ class PukaConnection:
         session.schedule_flush()
         return promise
 
-    def _wait_raw(self, box: AsyncResult, session: _Session, what: str, timeout: float | None) -> Any:
-        """Wait for a puka result; a Timeout when none arrives in time."""
+    def _wait(self, box: AsyncResult, session: _Session, what: str, timeout: float | None, **context: Any) -> Any:
+        """Wait for a puka result: the result as a dict, or the error raised; Timeout when none comes."""
         limit = self.settings.operation_timeout if timeout is None else timeout
         result = box.wait(limit)
         if result is None and not box.ready():
             raise Timeout(f"{what} on {self.settings.safe_url(session.node)} got no answer within {limit:g}s")
-        return result
-
-    def _wait(self, box: AsyncResult, session: _Session, what: str, timeout: float | None, **context: Any) -> Any:
-        result = self._wait_raw(box, session, what, timeout)
         if result.is_error:
             raise self._error(result, session, **context)
         return dict(result)
