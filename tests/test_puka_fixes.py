@@ -183,10 +183,12 @@ def test_garbage_from_the_peer_fails_fast_instead_of_poisoning(names: Names) -> 
 
     def answer_garbage() -> None:
         peer, _ = server.accept()
-        peer.recv(8)
-        peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" * 4)
-        gevent.sleep(5)
-        peer.close()
+        try:
+            peer.recv(8)
+            peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" * 4)
+            gevent.sleep(5)
+        finally:
+            peer.close()
 
     answering = gevent.spawn(answer_garbage)
     try:
