@@ -18,6 +18,8 @@ import decimal
 import logging
 import socket
 import ssl
+from collections import deque
+from itertools import islice
 from struct import pack, unpack_from
 from typing import Any
 
@@ -35,7 +37,8 @@ from .exceptions import PublishNacked
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FixedClient", "ConnectionBroken", "encode_table", "shortstr", "encode_properties", "PROPERTY_NAMES"]
+__all__ = ["FixedClient", "ConnectionBroken", "PendingPublish", "encode_table", "shortstr", "encode_properties",
+           "publish_frames", "PROPERTY_NAMES"]
 
 ConnectionBroken = puka_exceptions.ConnectionBroken
 
@@ -285,18 +288,56 @@ def _pt_channel_open_ok_puback(pt: Any, _result: Any = None) -> None:
     pt.register(puka_spec.METHOD_BASIC_NACK, _pt_basic_nack)
 
 
-def _pt_basic_nack(pt: Any, result: Any) -> None:
-    pt.register(puka_spec.METHOD_BASIC_NACK, _pt_basic_nack)
+def _settle_publishes(pt: Any, result: Any, failure: BaseException | None) -> None:
+    """Resolve the publishes a basic.ack / basic.nack covers, oldest first.
+
+    puka walks its in-flight map for every ack; confirms come in tag order,
+    so popping from the front is enough (and O(1) per message).
+    """
     tag = result["delivery_tag"] + pt.x_delivery_tag_shift
     inflight = pt.x_async_inflight
     if result["multiple"]:
-        tags = [t for t in inflight if t <= tag]
-    else:
-        tags = [tag] if tag in inflight else []
-    for t in tags:
-        frame = puka_spec.Frame()
-        puka_exceptions.mark_frame(frame, PublishNacked("the broker nacked the message (basic.nack)"))
-        inflight.pop(t).done(frame)
+        while inflight and next(iter(inflight)) <= tag:
+            _resolve(inflight.popitem(last=False)[1], failure)
+    elif tag in inflight:
+        _resolve(inflight.pop(tag), failure)
+
+
+def _resolve(pending: Any, failure: BaseException | None) -> None:
+    frame = puka_spec.Frame()
+    if failure is not None:
+        puka_exceptions.mark_frame(frame, failure)
+    pending.done(frame)
+
+
+def _pt_basic_ack(pt: Any, result: Any) -> None:
+    pt.register(puka_spec.METHOD_BASIC_ACK, _pt_basic_ack)
+    _settle_publishes(pt, result, None)
+
+
+def _pt_basic_nack(pt: Any, result: Any) -> None:
+    pt.register(puka_spec.METHOD_BASIC_NACK, _pt_basic_nack)
+    _settle_publishes(pt, result, PublishNacked("the broker nacked the message (basic.nack)"))
+
+
+class PendingPublish:
+    """What puka's publish map holds for one of our messages, instead of a puka promise.
+
+    puka's handlers call ``done(frame)`` on it (ack, nack, return, channel
+    close); we call the callback at once, in the I/O greenlet, without
+    puka's promise bookkeeping.
+    """
+
+    __slots__ = ("callback", "deadline")
+
+    def __init__(self, callback: Any, deadline: float) -> None:
+        self.callback = callback
+        self.deadline = deadline
+
+    def done(self, result: Any, **_: Any) -> None:
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback(result)
 
 
 _original_consume_ok = puka_machine._bcm_basic_consume_ok
@@ -322,10 +363,66 @@ def _apply_patches() -> None:
     puka_channel.Channel._handle_inbound = _handle_inbound
     puka_promise.Promise.recv_method = _recv_method
     puka_machine._pt_channel_open_ok_puback = _pt_channel_open_ok_puback
+    puka_machine._pt_basic_ack = _pt_basic_ack
     puka_machine._bcm_basic_consume_ok = _bcm_basic_consume_ok
 
 
 _apply_patches()
+
+
+# --- Writing -------------------------------------------------------------------------------
+
+
+class SendBuffer:
+    """Puka's send buffer, as a queue of chunks instead of one growing BytesIO.
+
+    Bodies are queued as views, never copied: ``sendmsg`` hands the chunks to
+    the kernel as they are. It has the methods puka calls on its buffer.
+    """
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self) -> None:
+        self.chunks: deque[Any] = deque()
+        self.size = 0
+
+    def write(self, data: Any) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if data:
+            self.chunks.append(data)
+            self.size += len(data)
+
+    def head(self, limit: int = 1024) -> list[Any]:
+        """The first chunks, at most ``limit`` of them (IOV_MAX is 1024 on Linux)."""
+        return list(islice(self.chunks, limit))
+
+    def read(self, size: int = 256 * 1024) -> bytes:
+        parts, total = [], 0
+        for chunk in self.chunks:
+            parts.append(chunk)
+            total += len(chunk)
+            if total >= size:
+                break
+        return b"".join(parts)[:size]
+
+    def consume(self, size: int) -> None:
+        self.size -= size
+        chunks = self.chunks
+        while size:
+            first = chunks[0]
+            if len(first) <= size:
+                size -= len(first)
+                chunks.popleft()
+            else:
+                chunks[0] = memoryview(first)[size:]
+                size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bool__(self) -> bool:
+        return self.size > 0
 
 
 # --- The client ----------------------------------------------------------------------------
@@ -427,6 +524,59 @@ class FixedClient(puka.Client):  # type: ignore[misc]
                 raise ConnectionBroken("the peer does not speak AMQP 0-9-1")
         return super()._handle_conn_read(data, offset)
 
+    x_pending = b""
+    x_framing_checked = False
+
+    def on_read_nohandshake(self) -> None:
+        """Read and dispatch every complete frame in one pass.
+
+        puka re-reads its whole receive buffer for each frame and checks
+        Python 2 at every step; this loop is its fast path once the first
+        frame has passed the check above.
+        """
+        if not self.x_framing_checked:
+            super().on_read_nohandshake()
+            if self._handle_read == self._handle_frame_read and self.recv_buf is not None:
+                self.x_framing_checked = True
+                self.x_pending = self.recv_buf.read()
+            return
+        try:
+            received = self.sd.recv(262144)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return
+        if not received:
+            self._shutdown(puka_exceptions.mark_frame(puka_spec.Frame(), ConnectionBroken("the broker closed the socket")))
+            return
+        data = self.x_pending + received if self.x_pending else received
+        size, offset = len(data), 0
+        channels = self.channels.channels
+        methods, props_decoders = puka_spec.METHODS, puka_spec.PROPS
+        while size - offset >= 8:
+            frame_type, channel, length = unpack_from("!BHI", data, offset)
+            end = offset + 7 + length
+            if end >= size:
+                break
+            if data[end] != 0xCE:
+                raise ConnectionBroken("frame end marker missing: the stream is corrupt")
+            if frame_type == 0x01:
+                (method_id,) = unpack_from("!I", data, offset + 7)
+                frame, _ = methods[method_id](data, offset + 11)
+                channels[channel].inbound_method(frame)
+            elif frame_type == 0x02:
+                class_id, body_size = unpack_from("!HxxQ", data, offset + 7)
+                properties, _ = props_decoders[class_id](data, offset + 19)
+                channels[channel].inbound_props(body_size, properties)
+            elif frame_type == 0x03:
+                channels[channel].inbound_body(data[offset + 7:end])
+            elif frame_type == 0x08:
+                self._send_frames(0, [(0x08, b"")])
+            else:
+                raise ConnectionBroken(f"unknown frame type {frame_type}")
+            offset = end + 1
+            if self.sd is None:
+                return
+        self.x_pending = data[offset:] if offset < size else b""
+
     # D12: a dead client says so instead of AttributeError.
     def fileno(self) -> int:
         if self.sd is None:
@@ -438,18 +588,42 @@ class FixedClient(puka.Client):  # type: ignore[misc]
             raise ConnectionBroken("connection is closed")
         self.send_buf.write(data)
 
+    def _init_buffers(self) -> None:
+        super()._init_buffers()
+        self.send_buf = SendBuffer()
+
     def _send_frames(self, channel_number: int, frames: Any) -> None:
-        """Frame and queue payloads (bytes or memoryviews) with one join."""
-        if self.send_buf is None:
+        """Frame and queue payloads; small frames are joined, large bodies queued as views."""
+        buf = self.send_buf
+        if buf is None:
             raise ConnectionBroken("connection is closed")
         parts: list[Any] = []
         for frame_type, payload in frames:
             if isinstance(payload, str):
                 payload = payload.encode("utf-8")
-            parts.append(pack("!BHI", frame_type, channel_number, len(payload)))
-            parts.append(payload)
-            parts.append(b"\xce")
-        self.send_buf.write(b"".join(parts))
+            header = pack("!BHI", frame_type, channel_number, len(payload))
+            if len(payload) < 4096:
+                parts += (header, payload, b"\xce")
+            else:
+                parts.append(header)
+                buf.write(b"".join(parts))
+                buf.write(payload)
+                parts = [b"\xce"]
+        buf.write(b"".join(parts))
+
+    def on_write_nohandshake(self) -> None:
+        """Send as much as the socket takes, without copying (``sendmsg``; TLS sockets join)."""
+        buf = self.send_buf
+        if not buf:
+            return
+        try:
+            if self.ssl:
+                sent = self.sd.send(buf.read(256 * 1024))
+            else:
+                sent = self.sd.sendmsg(buf.head())
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return
+        buf.consume(sent)
 
     # D2, D13: any error while reading or writing shuts the client down and
     # resolves every promise, rather than leaving half-parsed state behind.
@@ -477,6 +651,13 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         for promise in self.promises.all():
             if promise.to_be_released is False:
                 promise.done(result)
+        pt = getattr(self, "x_publish_promise", None)
+        if pt is not None:  # our publishes are not puka promises: fail them too
+            pending = self.pending_publishes()
+            pt.x_async_inflight.clear()
+            pt.x_async_next = []
+            for item in pending:
+                item.done(result)
         sd, self.sd, self.send_buf = self.sd, None, None
         if sd is not None:
             try:
@@ -487,9 +668,11 @@ class FixedClient(puka.Client):  # type: ignore[misc]
 
     # D7: encode first, then take a delivery tag. Also faster than puka's own
     # encoder, and only mandatory messages carry puka's tracking header.
-    @machine_decorator  # type: ignore[untyped-decorator]
     def publish(self, exchange: bytes, routing_key: bytes, body: bytes, properties: dict[str, Any],
-                mandatory: bool = False) -> Any:
+                mandatory: bool, callback: Any, deadline: float = float("inf")) -> None:
+        """Queue a confirmed publish; ``callback(frame)`` runs once it is settled."""
+        if self.send_buf is None:
+            raise ConnectionBroken("connection is closed")
         pt = self.x_publish_promise
         if mandatory:
             headers = dict(properties.get("headers") or {})
@@ -498,7 +681,40 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         frames = publish_frames(exchange, routing_key, body, properties, mandatory, self.frame_max)
         delivery_tag = pt.x_delivery_tag
         pt.x_delivery_tag += 1
-        t = self.promises.new(puka_machine._nothing, no_channel=True)
-        pt.x_async_next.append((delivery_tag, t, frames))
+        pt.x_async_next.append((delivery_tag, PendingPublish(callback, deadline), frames))
         puka_machine._pt_async_flush(pt)
-        return t
+
+    def pending_publishes(self) -> list[Any]:
+        """Publishes not yet settled, oldest first."""
+        pt = getattr(self, "x_publish_promise", None)
+        if pt is None:
+            return []
+        return [*pt.x_async_inflight.values(), *(pending for _, pending, _ in pt.x_async_next)]
+
+    def fail_publishes(self, error: BaseException, now: float | None = None) -> int:
+        """Fail pending publishes: all of them, or those whose deadline is before ``now``.
+
+        A failed publish is forgotten: a confirm that still comes is ignored.
+        """
+        pt = getattr(self, "x_publish_promise", None)
+        if pt is None:
+            return 0
+        failed = 0
+        inflight = pt.x_async_inflight
+        while inflight:
+            tag = next(iter(inflight))
+            pending = inflight[tag]
+            if now is not None and pending.deadline > now:
+                break  # deadlines grow with tags (nearly always): the rest are younger
+            del inflight[tag]
+            _resolve(pending, error)
+            failed += 1
+        keep = []
+        for item in pt.x_async_next:  # not sent yet: the publish channel is (re)opening
+            if now is None or item[1].deadline <= now:
+                _resolve(item[1], error)
+                failed += 1
+            else:
+                keep.append(item)
+        pt.x_async_next = keep
+        return failed

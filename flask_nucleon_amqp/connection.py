@@ -88,6 +88,7 @@ class _Session:
         self.drained.set()
         self.last_recv = self.last_send = time.monotonic()
         self.heartbeat_timer: Any = None
+        self.expiry_timer: Any = None
         self.io: gevent.Greenlet | None = None
 
     def __repr__(self) -> str:
@@ -162,7 +163,7 @@ class _Session:
                 client.run_any_callbacks()
                 if client.sd is None:
                     return
-            self._start_heartbeats()
+            self._start_timers()
             self._write_some()
             watcher = self.hub.loop.io(fd, _READ)
             read, hub_wait, monotonic = client.safe_read, self.hub.wait, time.monotonic
@@ -191,8 +192,9 @@ class _Session:
         except Exception:  # noqa: BLE001
             log.exception("callbacks of %r failed while it closed", self)
         self.alive = False
-        if self.heartbeat_timer is not None:
-            self.heartbeat_timer.stop()
+        for timer in (self.heartbeat_timer, self.expiry_timer):
+            if timer is not None:
+                timer.stop()
         self.drained.set()
         if not self.ready.ready():
             self.ready.set(ConnectionError(
@@ -261,11 +263,21 @@ class _Session:
             self.drained.set()
 
     # -- heartbeats ---------------------------------------------------------------------------
-    def _start_heartbeats(self) -> None:
+    def _start_timers(self) -> None:
         interval = self.owner.settings.heartbeat
         if interval > 0:
             self.heartbeat_timer = self.hub.loop.timer(interval / 2, interval / 2)
             self.heartbeat_timer.start(self._heartbeat_tick)
+        every = min(1.0, max(0.01, self.owner.settings.operation_timeout / 10))
+        self.expiry_timer = self.hub.loop.timer(every, every)
+        self.expiry_timer.start(self._expire_publishes)
+
+    def _expire_publishes(self) -> None:
+        """Runs in the hub: fail publishes whose confirm is overdue (one timer, not one per publish)."""
+        if self.client.send_buf is not None:
+            self.client.fail_publishes(Timeout(
+                f"publish on {self.owner.settings.safe_url(self.node)} was not confirmed in time; "
+                "the message may still be routed"), now=time.monotonic())
 
     def _heartbeat_tick(self) -> None:
         """Runs in the hub: declare the peer dead after two silent intervals; keep ours alive."""
@@ -308,16 +320,6 @@ def _emit(signal: Any, sender: Any, **kwargs: Any) -> None:
             log.exception("a receiver of %s raised", signal.name)
 
 
-class _Failed(dict):  # type: ignore[type-arg]
-    """A stand-in for a failed puka result, carrying our own exception."""
-
-    is_error = True
-
-    def __init__(self, exception: AMQPError) -> None:
-        super().__init__()
-        self.exception = exception
-
-
 def _settable(result_box: AsyncResult) -> Callable[[int, Any], None]:
     return lambda _number, result: result_box.set(result)
 
@@ -355,8 +357,6 @@ class PukaConnection:
         self.blocked_reason: str | None = None
         self._replies: dict[str, AsyncResult] = {}
         self._reply_consumer: _Consumer | None = None
-        #: Confirm boxes of synchronous publishes, so a broker alarm can fail them in time.
-        self._confirm_waiters: set[AsyncResult] = set()
         self._blocked_since = 0.0
         self.stats: dict[str, Any] = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0,
                                       "failed": 0, "delivered": 0, "acked": 0, "rejected": 0,
@@ -541,9 +541,9 @@ class PukaConnection:
         error = ConnectionBlocked(f"broker blocked publishing ({self.blocked_reason}) for more than "
                                   f"{self.settings.blocked_timeout:g}s (blocked_timeout); the message may "
                                   "still be routed once the alarm clears")
-        for box in list(self._confirm_waiters):
-            if not box.ready():
-                box.set(_Failed(error))
+        session = self._session
+        if session is not None and session.usable:
+            session.client.fail_publishes(error)
 
     # -- calling puka ---------------------------------------------------------------------------
     def _error(self, result: Any, session: _Session, **context: Any) -> AMQPError:
@@ -679,12 +679,13 @@ class PukaConnection:
         self.pending += 1
         started = time.monotonic()
 
-        def confirmed(_number: int, result: Any) -> None:
+        def confirmed(result: Any) -> None:
             self.pending -= 1
             value: Any = self._publish_outcome(result, session, context, started)
             self._dispatch(user_callback, promise, value)
 
-        session.client.publish(exchange_b, routing_key_b, data, properties, mandatory, callback=confirmed)
+        limit = self.settings.operation_timeout if timeout is None else timeout
+        session.client.publish(exchange_b, routing_key_b, data, properties, mandatory, confirmed, started + limit)
         session.schedule_flush()
         self._published(context, len(data))
         return promise
@@ -696,18 +697,24 @@ class PukaConnection:
         session = self._live_session()
         self._wait_for_room(session)
         box = AsyncResult()
-        waiters = self._confirm_waiters
-        waiters.add(box)
         self.pending += 1
         started = time.monotonic()
         try:
-            session.client.publish(exchange, routing_key, data, properties, mandatory, callback=_settable(box))
-            session.schedule_flush()
-            self._published(context, len(data))
-            result = box.wait(self.settings.operation_timeout if timeout is None else timeout)
+            if timeout is None:
+                # The session's expiry timer fails it at the deadline: no timer per publish.
+                session.client.publish(exchange, routing_key, data, properties, mandatory, box.set,
+                                       started + self.settings.operation_timeout)
+                session.schedule_flush()
+                self._published(context, len(data))
+                result = box.get()
+            else:
+                session.client.publish(exchange, routing_key, data, properties, mandatory, box.set,
+                                       started + timeout)
+                session.schedule_flush()
+                self._published(context, len(data))
+                result = box.wait(timeout)
         finally:
             self.pending -= 1
-            waiters.discard(box)
         outcome = self._publish_outcome(result, session, context, started)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -793,6 +800,13 @@ class PukaConnection:
                                             callback=lambda n, result: self._on_delivery(consumer, session, result))
         consumer.session, consumer.puka_number = session, number
         promise = client.promises.by_number(number)
+
+        def deliver(puka_promise: Any, result: Any) -> None:
+            # Straight to us, skipping puka's ready-set and refcount (we settle on the channel).
+            puka_promise.register(puka_spec.METHOD_BASIC_DELIVER, deliver)
+            self._on_delivery(consumer, session, result)
+
+        promise.register(puka_spec.METHOD_BASIC_DELIVER, deliver)
 
         def consume_ok() -> None:
             if not consumer.started.ready():

@@ -26,7 +26,7 @@ from flask_nucleon_amqp import (
 )
 
 from _proxy import Proxy
-from conftest import BROKER_HOST, BROKER_PORT, Names, close_broker_connection, make_app, outcome, wait_until
+from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, close_broker_connection, make_app, outcome, wait_until
 
 
 def test_declare_returns_counts(conn: PukaConnection, names: Names) -> None:
@@ -522,3 +522,44 @@ def test_publish_retry_on_a_new_connection(names: Names) -> None:
     finally:
         state.close(timeout=2)
         proxy.close()
+
+
+def test_works_under_monkey_patching(names: Names) -> None:
+    """The same API in a process that ran gevent.monkey.patch_all() first (as gunicorn's gevent worker)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    queue = names.queue()
+    script = textwrap.dedent(f"""
+        from gevent import monkey; monkey.patch_all()
+        import os, sys
+        import gevent
+        from flask import Flask
+        from flask_nucleon_amqp import AMQP
+        app = Flask("patched")
+        app.config["AMQP_URL"] = {BROKER_URL!r}
+        state = AMQP(app) and app.extensions["amqp"]
+        state.queue_declare({queue!r})
+        big = os.urandom(3 << 20)
+        jobs = [gevent.spawn(state.publish, "", {queue!r}, b"m%d" % i) for i in range(200)]
+        gevent.joinall(jobs, raise_error=True)
+        state.publish("", {queue!r}, big)
+        got = []
+        def on_message(promise, message):
+            got.append(message.body)
+            message.ack()
+        promise = state.consume({queue!r}, on_message)
+        with gevent.Timeout(20):
+            while len(got) < 201:
+                gevent.sleep(0.01)
+        state.cancel(promise)
+        assert sorted(got[:200]) == sorted(b"m%d" % i for i in range(200)), got[:5]
+        assert got[200] == big
+        state.close()
+        print("OK", len(got))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "OK 201"
