@@ -189,6 +189,8 @@ _METHOD_BASIC_PUBLISH = pack("!IH", puka_spec.METHOD_BASIC_PUBLISH, 0)
 
 def encode_properties(properties: dict[str, Any], body_size: int) -> bytes:
     """Encode a content header frame payload; raises before anything is queued (D7)."""
+    if not properties:
+        return pack("!HHQH", 60, 0, body_size, 0)
     flags = 0
     parts: list[bytes] = []
     for name, flag, kind in _PROPERTIES:
@@ -545,7 +547,7 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         except (BlockingIOError, ssl.SSLWantReadError):
             return
         if not received:
-            self._shutdown(puka_exceptions.mark_frame(puka_spec.Frame(), ConnectionBroken("the broker closed the socket")))
+            self.fail(ConnectionBroken("the broker closed the socket"))
             return
         data = self.x_pending + received if self.x_pending else received
         size, offset = len(data), 0

@@ -25,12 +25,14 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
 import gevent.select
 import gevent.socket
 from gevent.event import AsyncResult, Event
+from gevent.hub import Waiter
 from puka import spec as puka_spec
 
 from . import _puka, signals
@@ -696,18 +698,21 @@ class PukaConnection:
                           mandatory: bool, timeout: float | None, context: dict[str, str]) -> None:
         session = self._live_session()
         self._wait_for_room(session)
-        box = AsyncResult()
         self.pending += 1
         started = time.monotonic()
         try:
             if timeout is None:
-                # The session's expiry timer fails it at the deadline: no timer per publish.
-                session.client.publish(exchange, routing_key, data, properties, mandatory, box.set,
+                # The session's expiry timer fails it at the deadline: no timer per publish, and
+                # the lightest wait gevent has (the confirm arrives in the I/O greenlet).
+                waiter = Waiter(session.hub)
+                session.client.publish(exchange, routing_key, data, properties, mandatory,
+                                       partial(session.hub.loop.run_callback, waiter.switch),
                                        started + self.settings.operation_timeout)
                 session.schedule_flush()
                 self._published(context, len(data))
-                result = box.get()
+                result = waiter.get()
             else:
+                box = AsyncResult()
                 session.client.publish(exchange, routing_key, data, properties, mandatory, box.set,
                                        started + timeout)
                 session.schedule_flush()
