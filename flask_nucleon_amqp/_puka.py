@@ -465,6 +465,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         self.x_tls_error: BaseException | None = None
         #: Called with (blocked: bool, reason) on connection.blocked / unblocked (D10).
         self.x_on_blocked: Any = None
+        #: Called with the exception when a read or write error shut the client down.
+        self.x_on_fail: Any = None
 
     def __repr__(self) -> str:
         return f"<FixedClient {self.username}@{self.host}:{self.port}>"
@@ -647,6 +649,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
             log.debug("puka client %r failed: %r", self, exc)
             error = exc if isinstance(exc, ConnectionBroken) else ConnectionBroken(str(exc) or type(exc).__name__)
             self._shutdown(puka_exceptions.mark_frame(puka_spec.Frame(), error))
+            if self.x_on_fail is not None:
+                self.x_on_fail(exc)
 
     def _shutdown(self, result: Any) -> None:
         """puka's shutdown, minus the errors a half-closed socket raises (D12, D13)."""

@@ -79,6 +79,7 @@ class _Session:
             ssl_context=settings.tls.context() if settings.tls else None,
             server_hostname=node.host, client_properties=_CLIENT_PROPERTIES)
         self.client.x_on_blocked = owner._on_blocked
+        self.client.x_on_fail = self._client_failed
         self.opened = False
         self.alive = True
         self.ready = AsyncResult()
@@ -203,6 +204,13 @@ class _Session:
                 f"cannot connect to {self.owner.settings.safe_url(self.node)}: {self.death_reason or 'closed'}",
                 self.node.host, self.node.port))
         self.owner._session_died(self)
+
+    def _client_failed(self, exc: BaseException) -> None:
+        """A read or write error shut the client down, wherever it happened: end the session."""
+        if self.death_reason is None:
+            self.death_reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if gevent.getcurrent() is not self.io:  # the I/O greenlet ends by itself
+            self.kill(self.death_reason)
 
     def kill(self, reason: str) -> None:
         """End the session from any greenlet or hub callback; waiters get ConnectionLost."""
@@ -349,6 +357,9 @@ class PukaConnection:
         self._dispatch_wake = Event()
         self._dispatcher: gevent.Greenlet | None = None
         self._callback_running = False
+        #: Set whenever nothing is pending and no callback waits or runs: close() waits on it.
+        self._idle = Event()
+        self._idle.set()
         self._recovery: gevent.Greenlet | None = None
         self._unblocked = Event()
         self._unblocked.set()
@@ -519,7 +530,9 @@ class PukaConnection:
             except AMQPError as exc:
                 log.warning("reconnect failed, retrying in %.1fs: %s", delay, exc)
             gevent.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            # Capped so the longest sleep (1.5 x 3 s) plus one attempt stays under 5 s: a broker
+            # that comes back is found within 5 s, however long it was away.
+            delay = min(delay * 2, 3.0)
 
     def _on_blocked(self, blocked: bool, reason: Any) -> None:
         if blocked:
@@ -567,18 +580,18 @@ class PukaConnection:
         method = getattr(session.client, name)
         if callback is None:
             box = AsyncResult()
-            self.pending += 1
+            self._begin()
             try:
                 method(*args, callback=_settable(box), **kwargs)
                 session.schedule_flush()
                 return self._wait(box, session, name, timeout)
             finally:
-                self.pending -= 1
+                self._end()
         promise = next(_promise_ids)
-        self.pending += 1
+        self._begin()
 
         def done(_number: int, result: Any) -> None:
-            self.pending -= 1
+            self._end()
             value = self._error(result, session) if result.is_error else dict(result)
             self._dispatch(callback, promise, value)
 
@@ -596,10 +609,20 @@ class PukaConnection:
             raise self._error(result, session, **context)
         return dict(result)
 
+    def _begin(self) -> None:
+        self.pending += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self.pending -= 1
+        if not self.pending and not self._dispatch_queue and not self._callback_running:
+            self._idle.set()
+
     # -- callbacks ------------------------------------------------------------------------------
     def _dispatch(self, function: Callable[..., Any], *args: Any) -> None:
         """Run a user callback in this connection's callback greenlet, in order."""
         self._dispatch_queue.append((function, args))
+        self._idle.clear()
         if self._dispatcher is None:
             self._dispatcher = gevent.spawn(self._dispatch_loop)
         elif not self._dispatch_wake.is_set():
@@ -618,6 +641,8 @@ class PukaConnection:
                 finally:
                     self._callback_running = False
             wake.clear()
+            if not self.pending:
+                self._idle.set()
             if not queue:
                 wake.wait()
 
@@ -678,11 +703,11 @@ class PukaConnection:
         self._wait_for_room(session)
         user_callback = callback
         promise = next(_promise_ids)
-        self.pending += 1
+        self._begin()
         started = time.monotonic()
 
         def confirmed(result: Any) -> None:
-            self.pending -= 1
+            self._end()
             value: Any = self._publish_outcome(result, session, context, started)
             self._dispatch(user_callback, promise, value)
 
@@ -698,7 +723,7 @@ class PukaConnection:
                           mandatory: bool, timeout: float | None, context: dict[str, str]) -> None:
         session = self._live_session()
         self._wait_for_room(session)
-        self.pending += 1
+        self._begin()
         started = time.monotonic()
         try:
             if timeout is None:
@@ -719,7 +744,7 @@ class PukaConnection:
                 self._published(context, len(data))
                 result = box.wait(timeout)
         finally:
-            self.pending -= 1
+            self._end()
         outcome = self._publish_outcome(result, session, context, started)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -793,6 +818,7 @@ class PukaConnection:
     basic_consume = consume
 
     def _start_consumer(self, consumer: _Consumer, session: _Session) -> None:
+        """Subscribe ``consumer`` on ``session`` (again, after a reconnect or a qos change)."""
         client = session.client
         if consumer.started.ready():
             consumer.started = AsyncResult()
@@ -801,69 +827,90 @@ class PukaConnection:
         # A one-shot consumer (consume without callback) acks itself when no_ack, so
         # prefetch=1 still holds back every message but the first.
         broker_no_ack = consumer.no_ack and consumer.callback is not None
-        number = client.basic_consume_multi([item], prefetch_count=consumer.prefetch_count, no_ack=broker_no_ack,
-                                            callback=lambda n, result: self._on_delivery(consumer, session, result))
+        started = consumer.started
+        number = client.basic_consume_multi(
+            [item], prefetch_count=consumer.prefetch_count, no_ack=broker_no_ack,
+            callback=lambda number, result: self._on_consumer_event(consumer, session, number, started, result))
         consumer.session, consumer.puka_number = session, number
         promise = client.promises.by_number(number)
 
         def deliver(puka_promise: Any, result: Any) -> None:
             # Straight to us, skipping puka's ready-set and refcount (we settle on the channel).
             puka_promise.register(puka_spec.METHOD_BASIC_DELIVER, deliver)
-            self._on_delivery(consumer, session, result)
+            self._on_delivery(consumer, session, puka_promise, result)
 
         promise.register(puka_spec.METHOD_BASIC_DELIVER, deliver)
 
         def consume_ok() -> None:
-            if not consumer.started.ready():
-                consumer.started.set(None)
+            if not started.ready():
+                started.set(None)
 
         promise.x_on_consume_ok = consume_ok
         session.schedule_flush()
 
-    def _on_delivery(self, consumer: _Consumer, session: _Session, result: Any) -> None:
-        """Runs in the I/O greenlet for each delivery (or error) of a consumer."""
-        if session is not consumer.session:
-            return  # from a session the consumer has left (its deliveries will come again)
-        if result.is_error:
-            error = self._error(result, session, queue=consumer.queue)
-            if not consumer.started.ready():
-                consumer.started.set(error)
-            elif consumer.callback is None:
-                if not consumer.box.ready():
-                    consumer.box.set(error)
-            elif session.usable and not consumer.cancelled:
-                log.error("consumer on %r stopped: %s", consumer.queue, error)
-                self._consumers.pop(consumer.promise, None)
-            return
-        if "body" not in result:  # the broker cancelled the consumer: queue deleted (D19)
-            if not consumer.cancelled:
+    def _on_consumer_event(self, consumer: _Consumer, session: _Session, number: int, started: AsyncResult,
+                           result: Any) -> None:
+        """The consumer's puka promise ended: refused, cancelled (by us or the broker), or connection lost."""
+        if session is not consumer.session or number != consumer.puka_number:
+            return  # a subscription the consumer has left (qos change, reconnect)
+        if not result.is_error:
+            if "body" not in result and not consumer.cancelled:  # the broker cancelled it: queue deleted (D19)
                 log.warning("broker cancelled the consumer on queue %r (deleted?)", consumer.queue)
                 consumer.cancelled = True
                 self._consumers.pop(consumer.promise, None)
             return
-        puka_promise = session.client.promises._promises.get(consumer.puka_number)
-        channel = puka_promise.channel if puka_promise is not None else None
-        message = Message.from_frame(result, self, (session, channel, consumer.puka_number,
+        error = self._error(result, session, queue=consumer.queue)
+        if consumer is self._reply_consumer:  # the request on this channel failed: so do all calls
+            for box in self._replies.values():
+                if not box.ready():
+                    box.set(error)
+        if not started.ready():
+            started.set(error)
+        if consumer.callback is None:
+            if not consumer.box.ready():
+                consumer.box.set(error)
+        elif session.usable and not consumer.cancelled:
+            # Refused (also when resuming after a reconnect: the queue is gone) or stopped by a
+            # channel error while the connection lives: it consumes no more, so it is unregistered.
+            # (When the connection is lost instead, recovery subscribes it again.)
+            if self._consumers.pop(consumer.promise, None) is not None:
+                log.error("consumer on %r stopped: %s", consumer.queue, error)
+
+    def _on_delivery(self, consumer: _Consumer, session: _Session, puka_promise: Any, result: Any) -> None:
+        """Runs in the I/O greenlet for each delivery of a consumer."""
+        message = Message.from_frame(result, self, (session, puka_promise.channel, puka_promise.number,
                                                     consumer.no_ack and consumer.callback is not None))
-        self.stats["delivered"] += 1
-        _emit(signals.message_received, self, message=message)
         if consumer.callback is None:  # the one-shot consumer of a synchronous consume
             box = consumer.box
             if box.ready() or consumer.cancelled:
-                self._settle(message, "reject", True)
-            else:
-                if consumer.no_ack:
-                    self._settle(message, "ack", False)
-                    message.settled = True
-                box.set(message)
+                self._settle(message, "reject", True, quiet=True)  # never given to anyone
+                return
+            self._cancel_one_shot(consumer, session)  # before any ack opens the prefetch window
+            if consumer.no_ack:
+                self._settle(message, "ack", False, quiet=True)
+                message.settled = True
+            self._received(message)
+            box.set(message)
             return
+        self._received(message)
         self._dispatch(self._deliver, consumer, message)
+
+    def _received(self, message: Message) -> None:
+        self.stats["delivered"] += 1
+        _emit(signals.message_received, self, message=message)
+
+    def _cancel_one_shot(self, consumer: _Consumer, session: _Session) -> None:
+        if not consumer.cancelled:
+            consumer.cancelled = True
+            if session.usable and consumer.puka_number in session.client.promises._promises:
+                session.client.basic_cancel(consumer.puka_number, callback=lambda _n, _r: None)
+                session.schedule_flush()
 
     def _deliver(self, consumer: _Consumer, message: Message) -> None:
         if consumer.cancelled:
-            if not message.settled:
+            if not message.settled:  # requeue what the callback never saw
                 try:
-                    self._settle(message, "reject", True)
+                    self._settle(message, "reject", True, quiet=True)
                     message.settled = True
                 except MessageStateError:
                     pass
@@ -874,14 +921,13 @@ class PukaConnection:
     def _consume_one(self, queue: str, no_ack: bool, exclusive: bool, arguments: dict[str, Any],
                      timeout: float | None) -> Message | None:
         consumer = _Consumer(next(_promise_ids), queue, None, 1, no_ack, exclusive, arguments)
-        box = consumer.box
         session = self._live_session()
         self._start_consumer(consumer, session)
         try:
             started = consumer.started.wait(self.settings.operation_timeout)
             if isinstance(started, BaseException):
                 raise started
-            message = box.wait(timeout)
+            message = consumer.box.wait(timeout)
             if isinstance(message, BaseException):
                 raise message
             if isinstance(message, Message):
@@ -891,10 +937,9 @@ class PukaConnection:
                                      session.node.host, session.node.port)
             return None
         finally:
+            if consumer.started.ready() and consumer.started.get() is None:
+                self._cancel_one_shot(consumer, session)
             consumer.cancelled = True
-            if session.usable and consumer.started.ready() and consumer.started.get() is None:
-                session.client.basic_cancel(consumer.puka_number, callback=lambda n, r: None)
-                session.schedule_flush()
 
     def get(self, queue: str, *, no_ack: bool = False, timeout: float | None = None) -> Message | None:
         """Fetch one message with basic.get; None when the queue is empty."""
@@ -914,14 +959,16 @@ class PukaConnection:
         puka_promise = session.client.promises._promises.get(number)
         channel = puka_promise.channel if puka_promise is not None else None
         message = Message.from_frame(frame, self, (session, channel, number, no_ack))
-        self.stats["delivered"] += 1
-        _emit(signals.message_received, self, message=message)
+        self._received(message)
         return message
 
     basic_get = get
 
-    def _settle(self, message: Message, action: str, requeue: bool) -> None:
-        """Send ack / reject / nack for a message, on the channel it arrived on."""
+    def _settle(self, message: Message, action: str, requeue: bool, quiet: bool = False) -> None:
+        """Send ack / reject / nack for a message, on the channel it arrived on.
+
+        ``quiet`` settles a message the application never saw: not counted, not signalled.
+        """
         session, channel, number, no_ack = message._context
         if no_ack:
             raise MessageStateError("this message was consumed with no_ack=True; there is nothing to settle")
@@ -943,6 +990,8 @@ class PukaConnection:
         if puka_promise is not None and puka_promise.refcnt > 0:
             puka_promise.refcnt_dec()  # lets puka release a get's channel
         session.schedule_flush()
+        if quiet:
+            return
         if action == "ack":
             self.stats["acked"] += 1
             _emit(signals.message_acked, self, message=message)
@@ -1009,15 +1058,22 @@ class PukaConnection:
         limit = self.settings.operation_timeout if timeout is None else timeout
         consumer.started.wait(limit)  # basic.cancel before consume-ok confuses puka (D17)
         session = consumer.session
-        box = AsyncResult()
-        session.client.basic_cancel(consumer.puka_number, callback=_settable(box))
-        session.schedule_flush()
-        self._wait(box, session, "qos", timeout)
+        old = (consumer.puka_number, consumer.started, consumer.prefetch_count)
+        # Subscribe anew before cancelling: cancelling the only consumer of an auto-delete
+        # queue would delete the queue.
         consumer.prefetch_count = prefetch_count
         self._start_consumer(consumer, session)
         started = consumer.started.wait(limit)
-        if isinstance(started, BaseException):
-            raise started
+        if started is not None or not consumer.started.ready():
+            consumer.puka_number, consumer.started, consumer.prefetch_count = old
+            self._consumers[promise] = consumer
+            raise started if isinstance(started, BaseException) else Timeout(
+                f"qos on {consumer.queue!r} got no answer within {limit:g}s")
+        if session.usable and old[0] in session.client.promises._promises:
+            box = AsyncResult()
+            session.client.basic_cancel(old[0], callback=_settable(box))
+            session.schedule_flush()
+            self._wait(box, session, "qos", timeout)
 
     # -- topology -------------------------------------------------------------------------------
     def exchange_declare(self, exchange: str, type: str = "direct", *, durable: bool = False,
@@ -1160,16 +1216,14 @@ class PukaConnection:
         if self._closed:
             return
         deadline = time.monotonic() + timeout
-        while (self.pending or self._dispatch_queue or self._callback_running) and time.monotonic() < deadline:
-            gevent.sleep(0.005)
+        self._idle.wait(timeout)
         session = self._session
         for promise in list(self._consumers):
             try:
                 self.cancel(promise, timeout=max(0.001, deadline - time.monotonic()))
             except AMQPError as exc:
                 log.debug("cancel while closing failed: %s", exc)
-        while (self._dispatch_queue or self._callback_running) and time.monotonic() < deadline:
-            gevent.sleep(0.005)
+        self._idle.wait(max(0.0, deadline - time.monotonic()))
         self._closed = True
         if self._recovery is not None:
             self._recovery.kill(block=False)

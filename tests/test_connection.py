@@ -563,3 +563,70 @@ def test_works_under_monkey_patching(names: Names) -> None:
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "OK 201"
+
+
+def test_write_error_ends_the_session_at_once(conn: PukaConnection, names: Names) -> None:
+    """A reset met by a write (not a read) still fails waiters at once and recovers the consumer."""
+    queue = names.queue()
+    conn.queue_declare(queue)
+    got: Queue = Queue()
+    promise = conn.consume(queue, callback=lambda p, m: (got.put(m.body), m.ack()))
+    session = conn._session
+    session.client.sd.shutdown(socket.SHUT_WR)  # every write now fails with EPIPE
+    started = time.monotonic()
+    with pytest.raises(ConnectionLost, match="Error"):
+        conn.publish("", queue, b"x", timeout=5)
+    assert time.monotonic() - started < 1
+    assert wait_until(lambda: conn.is_open and conn._session is not session
+                      and conn._consumers[promise].started.ready(), timeout=10)
+    assert conn.stats["lost"] == 1 and "Error" in (session.death_reason or "")
+    conn.publish("", queue, b"after")
+    assert got.get(timeout=10) == b"after"
+    conn.cancel(promise)
+
+
+def test_one_shot_no_ack_consume_takes_exactly_one(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    for i in range(3):
+        conn.publish("", queue, str(i))
+    taken = [conn.consume(queue, no_ack=True, timeout=5) for _ in range(3)]
+    assert [(m.body, m.redelivered) for m in taken] == [(b"0", False), (b"1", False), (b"2", False)]
+    assert conn.stats["rejected"] == 0
+    assert conn.queue_declare(queue, passive=True)["message_count"] == 0
+
+
+def test_qos_keeps_an_auto_delete_queue(conn: PukaConnection, names: Names) -> None:
+    queue = names.queue("ad")
+    conn.queue_declare(queue, auto_delete=True)
+    got: list = []
+    promise = conn.consume(queue, callback=lambda p, m: got.append(m), prefetch_count=1)
+    conn.qos(promise, 10)  # subscribes anew before cancelling: the queue never loses its last consumer
+    for i in range(3):
+        conn.publish("", queue, str(i))
+    assert wait_until(lambda: len(got) == 3)
+    for message in got:
+        message.ack()
+    assert conn.has_consumer(promise)
+    conn.cancel(promise)
+
+
+def test_consumer_whose_queue_is_gone_after_a_reconnect_is_unregistered(conn: PukaConnection) -> None:
+    queue = conn.queue_declare("", exclusive=True)["queue"]  # dies with the connection
+    promise = conn.consume(queue, callback=lambda p, m: None)
+    old_session = conn._session
+    close_broker_connection(conn)
+    assert wait_until(lambda: conn._session not in (None, old_session) and not conn.has_consumer(promise),
+                      timeout=15)
+    assert conn.is_open
+
+
+def test_call_to_a_missing_exchange_fails_at_once(conn: PukaConnection, names: Names) -> None:
+    started = time.monotonic()
+    with pytest.raises(NotFound):
+        conn.call(names.exchange("absent"), "rk", b"?", timeout=5)
+    assert time.monotonic() - started < 2
+    queue = names.queue()
+    conn.queue_declare(queue)
+    with pytest.raises(Timeout):  # the next call gets a fresh reply consumer
+        conn.call("", queue, b"nobody answers", timeout=0.3)
