@@ -28,8 +28,9 @@ run: venv broker  ## serve the example app with gunicorn's gevent workers on :80
 test: venv broker  ## run the test suite against the local broker
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv broker  ## run the benchmarks (ratios to raw puka, pika, kombu)
+bench: venv broker  ## run the benchmarks (ratios to raw puka, pika, kombu; then HTTP under gunicorn)
 	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) bench/http_bench.py $(HTTP_BENCH_ARGS)
 
 lint: venv  ## ruff
 	$(PY) -m pip install -q ruff

@@ -29,7 +29,10 @@ setup(
         "bench": ["pika>=1.3", "kombu>=5.3"],
     },
     entry_points={
-        "flask.commands": [],
+        # `flask amqp ...` is listed in `flask --help` even before the app is loaded.
+        "flask.commands": ["amqp = flask_nucleon_amqp.cli:amqp_cli"],
+        # Fixtures for users' own test suites (flask_nucleon_amqp.testing).
+        "pytest11": ["flask_nucleon_amqp = flask_nucleon_amqp.testing"],
     },
     classifiers=[
         "Framework :: Flask",

@@ -24,8 +24,11 @@ from .exceptions import (
     VhostNotAllowed,
 )
 from .extension import AMQP, AMQPState
+from .lifecycle import InitialisationError, on_initialise
+from .listener import Listener
 from .message import Message
 from .pool import Pool
+from .topology import Binding, Exchange, Queue, Topology
 
 __version__ = "0.1.0"
 
@@ -37,6 +40,13 @@ __all__ = [
     "PoolSettings",
     "PukaConnection",
     "Message",
+    "on_initialise",
+    "Listener",
+    "Exchange",
+    "Queue",
+    "Binding",
+    "Topology",
+    "InitialisationError",
     "AMQPError",
     "ConfigError",
     "ConnectionError",

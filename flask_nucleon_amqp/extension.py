@@ -7,21 +7,28 @@ connection) that work without Flask.
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flask import Flask, current_app, has_app_context
 
-from .config import APP_KEYS, PoolSettings, read_config
+from .config import APP_KEYS, EXTRA_APP_KEYS, PoolSettings, read_config
 from .connection import Callback, PukaConnection
 from .exceptions import ConfigError
+from .lifecycle import Lifecycle, ListenerSpec, Registry, attach
+from .listener import Listener, ListenerOptions, MessageCallback
 from .message import Message
 from .pool import Pool
+from .topology import Declaration, Topology
 
 __all__ = ["AMQP", "AMQPState"]
 
 log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class AMQPState:
@@ -36,6 +43,10 @@ class AMQPState:
         self.shutdown_timeout = shutdown_timeout
         self.pools = {name: Pool(pool_settings) for name, pool_settings in settings.items()}
         self.closed = False
+        #: This app's topology: AMQP_TOPOLOGY plus the extension's registry (set by init_app).
+        self.topology = Topology()
+        #: Start-up and shut-down of this process (set by init_app).
+        self.lifecycle: Lifecycle | None = None
 
     def __repr__(self) -> str:
         return f"<AMQPState pools={sorted(self.pools)}>"
@@ -108,6 +119,46 @@ class AMQPState:
     def queue_unbind(self, queue: str, exchange: str, routing_key: str = "", **options: Any) -> Any:
         return self.connection().queue_unbind(queue, exchange, routing_key, **options)
 
+    # Lifecycle: topology, listeners, initialisation (see lifecycle.py).
+    def declare(self, *declarations: Declaration) -> list[Declaration]:
+        """Register Exchange/Queue/Binding values in this app's topology and declare them now.
+
+        :raises PreconditionFailed: one conflicts with the broker's; the message names it.
+        """
+        self.topology.add(*declarations)
+        return self.topology.declare(self.connection(), only=declarations)
+
+    def register_and_spawn_amqp_listener(self, queue: str, callback: MessageCallback, type: str = "listen", *,
+                                         prefetch_count: int = 10, concurrency: int | None = None,
+                                         on_error: str = "requeue") -> Listener:
+        """Consume ``queue`` and run ``callback(connection, promise, message)`` for each delivery.
+
+        As in Nucleon. The callback runs in an app context, at most
+        ``concurrency`` (default: ``prefetch_count``) at a time; a message it
+        leaves unsettled is acked when it returns; when it raises, the
+        traceback is logged and the message requeued, rejected or
+        dead-lettered per ``on_error``. The listener survives connection loss
+        and is stopped gracefully by :meth:`close`. Returns once consuming
+        (or, when the broker is unreachable, while retrying in the background).
+
+        :raises NotFound: the queue does not exist.
+        """
+        assert self.lifecycle is not None, "set up by init_app"
+        options = ListenerOptions(type=type, prefetch_count=prefetch_count, concurrency=concurrency,
+                                  on_error=on_error)
+        self.get_amqp_pool(type)  # an unknown pool fails here, naming it
+        return self.lifecycle.register_listener(queue, callback, options)
+
+    @property
+    def listeners(self) -> list[Listener]:
+        """The listeners of this process."""
+        return self.lifecycle.listeners if self.lifecycle is not None else []
+
+    def initialise(self, start_listeners: bool | None = None) -> None:
+        """Run the on_initialise steps now if this process has not yet (see lifecycle.py)."""
+        assert self.lifecycle is not None, "set up by init_app"
+        self.lifecycle.initialise(start_listeners=start_listeners)
+
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per pool: connections open, pending operations, publishes confirmed/failed, deliveries."""
         return {name: pool.stats() for name, pool in self.pools.items()}
@@ -120,6 +171,11 @@ class AMQPState:
         if self.closed:
             return
         self.closed = True
+        if self.lifecycle is not None:
+            try:
+                self.lifecycle.stop(timeout)  # listeners first: their callbacks finish and ack
+            except Exception:  # noqa: BLE001 - the connections must still be closed
+                log.exception("stopping the AMQP listeners failed")
         for pool in self.pools.values():
             try:
                 pool.close(self.shutdown_timeout if timeout is None else timeout)
@@ -149,6 +205,7 @@ class AMQP:
 
     def __init__(self, app: Flask | None = None) -> None:
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        self._registry = Registry()
         if app is not None:
             self.init_app(app)
 
@@ -162,11 +219,14 @@ class AMQP:
                                "call init_app once per app (or close() the old state first)")
         for key, default in APP_KEYS.items():
             app.config.setdefault(key, default)
+        for key, default in EXTRA_APP_KEYS.items():
+            app.config.setdefault(key, copy.deepcopy(default))
         settings = read_config(app.config)
         shutdown_timeout = app.config["AMQP_SHUTDOWN_TIMEOUT"]
         if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)):
             raise ConfigError("AMQP_SHUTDOWN_TIMEOUT", f"must be a number of seconds, got {shutdown_timeout!r}")
         state = AMQPState(settings, float(shutdown_timeout))
+        attach(app, state, self._registry)  # topology, on_initialise, listeners, `flask amqp`
         app.extensions["amqp"] = state
         app.amqp = state  # type: ignore[attr-defined]
         _live_states.add(state)
@@ -184,6 +244,41 @@ class AMQP:
 
     def get_amqp_pool(self, type: str = "publish") -> Pool:
         return self.state.get_amqp_pool(type)
+
+    @property
+    def topology(self) -> Topology:
+        """Declarations shared by every app of this extension; ``topology.add(Queue(...))`` works before init_app."""
+        return self._registry.topology
+
+    def on_initialise(self, handler: F) -> F:
+        """Decorator: run ``handler()`` once per process, before it serves (see lifecycle.py)."""
+        if not callable(handler):
+            raise TypeError(f"on_initialise takes a function, got {handler!r}")
+        self._registry.handlers.append(handler)
+        return handler
+
+    def listener(self, queue: str, type: str = "listen", *, prefetch_count: int = 10,
+                 concurrency: int | None = None, on_error: str = "requeue") -> Callable[[F], F]:
+        """Decorator form of :meth:`AMQPState.register_and_spawn_amqp_listener`; works before init_app.
+
+        The listener starts when the process initialises (first request,
+        gunicorn ``post_worker_init``, or ``flask amqp listen``)::
+
+            @amqp.listener("listener1", prefetch_count=20)
+            def deliver(connection, promise, message): ...
+        """
+        if not isinstance(queue, str) or not queue:
+            raise ValueError(f"@listener needs a queue name, got {queue!r}")
+        options = ListenerOptions(type=type, prefetch_count=prefetch_count, concurrency=concurrency,
+                                  on_error=on_error)
+
+        def register(callback: F) -> F:
+            if not callable(callback):
+                raise TypeError(f"@listener decorates a function, got {callback!r}")
+            self._registry.listeners.append(ListenerSpec(queue, callback, options))
+            return callback
+
+        return register
 
     def __getattr__(self, name: str) -> Any:
         # publish, consume, cancel, queue_declare, close, stats... as on current_app.amqp.

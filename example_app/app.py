@@ -1,0 +1,124 @@
+"""The room chat of the original Nucleon AMQP document, as a small Flask app.
+
+* ``POST /messages`` ``{"from": "user1", "to": "user2", "text": "hi"}`` publishes
+  to the room exchange (``unit_test_room``) with the recipient as routing key
+  (``"to": "all"`` reaches every user), confirmed.
+* A listener per user consumes ``chat.listener.<user>`` (a quorum queue bound
+  to the room) and delivers each message into that user's inbox queue,
+  ``chat.inbox.<user>``. A message it cannot read is dead-lettered to ``chat.dead``.
+* ``GET /users/<user>/messages`` returns the messages received since the last
+  call (it drains the inbox).
+* ``GET /healthz``: the broker answers and this process's listeners consume.
+
+Run it with ``make run``: ``flask amqp declare``, then gunicorn with two gevent
+workers (see gunicorn.conf.py). Listeners need a gevent server (or a separate
+``flask amqp listen`` process): a threaded development server leaves their
+greenlets idle between requests.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+from flask import Flask, abort, current_app, jsonify, request
+
+from flask_nucleon_amqp import AMQP, AMQPError, Binding, Exchange, Message, PukaConnection, Queue
+
+amqp = AMQP()
+
+
+def listener_queue(user: str) -> str:
+    return f"{current_app.config['CHAT_PREFIX']}.listener.{user}"
+
+
+def inbox_queue(user: str) -> str:
+    return f"{current_app.config['CHAT_PREFIX']}.inbox.{user}"
+
+
+def chat_topology(app: Flask) -> list[Any]:
+    """The room exchange, and per user: a listener queue bound to it and an inbox."""
+    config = app.config
+    room, prefix = config["CHAT_ROOM"], config["CHAT_PREFIX"]
+    declarations: list[Any] = [Exchange(room, "direct")]
+    for user in config["CHAT_USERS"]:
+        queue = f"{prefix}.listener.{user}"
+        declarations += [
+            Queue(queue, quorum=True, dead_letter_exchange=config["CHAT_DEAD_LETTER_EXCHANGE"]),
+            Binding(room, queue=queue, routing_key=user),
+            Binding(room, queue=queue, routing_key="all"),
+            Queue(f"{prefix}.inbox.{user}", max_length=100),  # the oldest are dropped past 100
+        ]
+    return declarations
+
+
+@amqp.on_initialise
+def start_listeners() -> None:
+    """Nucleon's recommended pattern: spawn the listeners when the process starts."""
+    for user in current_app.config["CHAT_USERS"]:
+        current_app.amqp.register_and_spawn_amqp_listener(
+            listener_queue(user), functools.partial(deliver, user), prefetch_count=20, on_error="dead-letter")
+
+
+def deliver(user: str, connection: PukaConnection, promise: int, message: Message) -> None:
+    """Move one room message into the user's inbox: publish (confirmed), then ack."""
+    entry = message.json()  # a body that is not JSON raises: the message is dead-lettered
+    entry.update(to=user, delivered_by=os.getpid(), delivered_at=time.time())
+    connection.publish("", inbox_queue(user), json=entry, persistent=True)
+    connection.ack(message)  # as in Nucleon; returning without it would ack too
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Application factory: app.cfg, then $CHAT_SETTINGS if set, then ``config``."""
+    app = Flask(__name__)
+    app.config.from_pyfile("app.cfg")
+    app.config.from_envvar("CHAT_SETTINGS", silent=True)
+    app.config.update(config or {})
+    amqp.init_app(app)
+    app.amqp.topology.add(*chat_topology(app))  # type: ignore[attr-defined]
+
+    @app.get("/")
+    def index() -> Any:
+        return jsonify(room=app.config["CHAT_ROOM"], users=app.config["CHAT_USERS"],
+                       post="/messages", inbox="/users/<user>/messages", health="/healthz")
+
+    @app.post("/messages")
+    def post_message() -> Any:
+        data = request.get_json(silent=True) or {}
+        users = current_app.config["CHAT_USERS"]
+        sender, to, text = data.get("from"), data.get("to"), data.get("text")
+        if sender not in users or (to not in users and to != "all") or not isinstance(text, str):
+            return jsonify(error=f"need from (one of {users}), to (a user or 'all') and text"), 400
+        current_app.amqp.publish(current_app.config["CHAT_ROOM"], to, json={
+            "from": sender, "text": text, "sent_at": time.time()}, persistent=True)
+        return jsonify(published=True, to=to), 202
+
+    @app.get("/users/<user>/messages")
+    def received(user: str) -> Any:
+        if user not in current_app.config["CHAT_USERS"]:
+            abort(404)
+        messages = []
+        while len(messages) < 100:
+            message = current_app.amqp.get(inbox_queue(user))
+            if message is None:
+                break
+            messages.append(message.json())
+            message.ack()
+        return jsonify(user=user, messages=messages)
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        listeners = [{"queue": listener.queue, "consuming": listener.consuming, **listener.stats}
+                     for listener in current_app.amqp.listeners]
+        try:
+            server = current_app.amqp.connection().server_properties
+        except AMQPError as exc:
+            return jsonify(status="broker unreachable", error=str(exc), listeners=listeners), 503
+        healthy = all(entry["consuming"] for entry in listeners)
+        return jsonify(status="ok" if healthy else "listeners not consuming", pid=os.getpid(),
+                       broker=f"{server.get('product', '')} {server.get('version', '')}".strip(),
+                       listeners=listeners), 200 if healthy else 503
+
+    return app

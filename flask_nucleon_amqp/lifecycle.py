@@ -1,0 +1,265 @@
+"""Start-up and shut-down of a process: ``on_initialise`` handlers, topology, listeners.
+
+Flask 3 has no ``before_first_request`` and gunicorn forks its workers after
+importing the app, so "start-up" here means: the first time **this process**
+(keyed on ``os.getpid()``) needs the app. That happens in one of four places,
+whichever comes first:
+
+* the first request (a ``before_request`` hook, guarded by a gevent lock so
+  that 50 concurrent first requests run the handlers once and all wait for them);
+* gunicorn's ``post_worker_init`` hook (:mod:`flask_nucleon_amqp.gunicorn`), so
+  a worker starts its listeners at boot rather than at its first request;
+* ``flask amqp declare`` (handlers run, listeners are registered but not started);
+* ``flask amqp listen``.
+
+Initialising means, in order: declare the configured and registered topology
+(unless ``AMQP_DECLARE_ON_START`` is False; a broker that is down is not an
+error here, the topology is declared when the connections open), run the
+``on_initialise`` handlers in registration order inside an app context, then
+register the ``@amqp.listener`` listeners, starting them unless
+``AMQP_START_LISTENERS`` is False. If any step raises, the listeners started so
+far are stopped and every later request raises :class:`InitialisationError`
+with the cause: the process does not serve half-started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import gevent.lock
+from flask import Flask
+
+from .exceptions import AMQPError, ConfigError, ConnectionError, Timeout
+from .listener import Listener, ListenerOptions, MessageCallback, _callback_name
+from .topology import Topology, topology_from_config
+
+if TYPE_CHECKING:
+    from .extension import AMQPState
+
+__all__ = ["on_initialise", "InitialisationError", "Lifecycle", "Registry", "ListenerSpec", "attach", "live_apps"]
+
+log = logging.getLogger(__name__)
+
+Handler = TypeVar("Handler", bound=Callable[[], Any])
+
+#: Handlers registered with the module-level :func:`on_initialise`: they run for every app.
+_global_handlers: list[Callable[[], Any]] = []
+
+#: Apps set up in this process, for the gunicorn hooks when the WSGI callable is wrapped.
+_apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+
+
+def on_initialise(handler: Handler) -> Handler:
+    """Run ``handler()`` once per process, before the process serves its first request.
+
+    As in Nucleon (``from nucleon.signals import on_initialise``). Handlers
+    registered here run for every app that uses the extension; use
+    ``amqp.on_initialise`` for one extension's apps. They run inside an
+    application context, so ``current_app.amqp`` works; typical handlers
+    declare topology and call ``register_and_spawn_amqp_listener``. A handler
+    that raises stops the process from serving (see :class:`InitialisationError`).
+    """
+    if not callable(handler):
+        raise TypeError(f"on_initialise takes a function, got {handler!r}")
+    _global_handlers.append(handler)
+    return handler
+
+
+class InitialisationError(AMQPError, RuntimeError):
+    """Initialising the process failed; it will not serve until restarted. ``__cause__`` is why."""
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """A listener registered with ``@amqp.listener`` before any app exists."""
+
+    queue: str
+    callback: MessageCallback
+    options: ListenerOptions
+
+
+class Registry:
+    """What an ``AMQP`` extension collects before ``init_app``: handlers, listeners, topology."""
+
+    def __init__(self) -> None:
+        self.handlers: list[Callable[[], Any]] = []
+        self.listeners: list[ListenerSpec] = []
+        self.topology = Topology()
+
+
+class Lifecycle:
+    """One app's start-up and shut-down in the current process (see the module doc)."""
+
+    def __init__(self, app: Flask, state: AMQPState, registry: Registry, *, declare: bool,
+                 start_listeners: bool) -> None:
+        self.app = app
+        self.state = state
+        self.registry = registry
+        #: AMQP_DECLARE_ON_START: declare the topology at start and after every reconnect.
+        self.declare = declare
+        #: AMQP_START_LISTENERS: start listeners when a web process initialises.
+        self.autostart = start_listeners
+        self._pid = -1
+        self._this_process()
+
+    def _this_process(self) -> None:
+        """After a fork, forget the parent's progress: the child initialises for itself."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._lock = gevent.lock.RLock()  # a lock held in the parent at fork time must not bind the child
+        self._done = False
+        self._running = False
+        self._error: InitialisationError | None = None
+        self._spawn = True
+        self.listeners: list[Listener] = []
+
+    @property
+    def initialised(self) -> bool:
+        return self._pid == os.getpid() and self._done and self._error is None
+
+    # -- initialising --------------------------------------------------------------------------------
+    def ensure_initialised(self) -> None:
+        """The ``before_request`` hook: cheap once done; raises for good if initialising failed."""
+        if self._done and self._pid == os.getpid() and self._error is None:
+            return
+        self.initialise()
+
+    def initialise(self, *, start_listeners: bool | None = None) -> None:
+        """Initialise this process once: topology, handlers, listeners (see the module doc).
+
+        :param start_listeners: start the registered listeners (default: ``AMQP_START_LISTENERS``).
+        :raises InitialisationError: now and on every later call, if a step failed.
+        """
+        self._this_process()
+        if not self._done:
+            with self._lock:  # concurrent first requests wait here for the one that runs the handlers
+                if not self._done and not self._running:  # _running: re-entered from a handler
+                    self._run(self.autostart if start_listeners is None else start_listeners)
+        if self._error is not None:
+            # A new exception each time: re-raising one object would grow its traceback per request.
+            raise InitialisationError(str(self._error)) from self._error.__cause__
+
+    def _run(self, spawn: bool) -> None:
+        self._running = True
+        self._spawn = spawn
+        step = "declaring the topology"
+        try:
+            self._declare_at_start()
+            for handler in [*_global_handlers, *self.registry.handlers]:
+                step = f"on_initialise handler {_callback_name(handler)}"
+                with self.app.app_context():
+                    handler()
+            for spec in self.registry.listeners:
+                step = f"starting the listener on {spec.queue!r}"
+                self.register_listener(spec.queue, spec.callback, spec.options)
+        except Exception as exc:
+            self._error = InitialisationError(
+                f"AMQP initialisation of app {self.app.name!r} failed in {step}: {exc}; "
+                "this process will not serve requests until it is restarted")
+            self._error.__cause__ = exc
+            log.error("%s", self._error, exc_info=exc)
+            self._stop_listeners(timeout=min(self.state.shutdown_timeout, 2.0))
+        finally:
+            self._running = False
+            self._spawn = True
+            self._done = True
+
+    def _declare_at_start(self) -> None:
+        if not self.declare:
+            return
+        topology = self.state.topology
+        if topology:
+            try:
+                declared = topology.declare(self.state.connection("publish"))
+                log.info("declared %d AMQP objects", len(declared))
+            except (ConnectionError, Timeout) as exc:
+                log.warning("cannot declare the AMQP topology now (%s); it will be declared when the "
+                            "connections open", exc)
+        # Every connection re-declares it after each (re)open, before its consumers resume.
+        for pool in self.state.pools.values():
+            for _ in range(pool.settings.size):  # makes every connection object (they open lazily)
+                conn = pool.connection()
+                if topology.redeclare_hook not in conn.on_open:
+                    conn.on_open.append(topology.redeclare_hook)
+
+    # -- listeners -----------------------------------------------------------------------------------
+    def register_listener(self, queue: str, callback: MessageCallback,
+                          options: ListenerOptions | None = None) -> Listener:
+        """Make a listener and start it, unless this is a ``flask amqp declare`` initialisation."""
+        self._this_process()
+        listener = Listener(self.app, queue, callback, options or ListenerOptions(), self.state.connection,
+                            topology=self.state.topology, redeclare=self.declare)
+        self.listeners.append(listener)
+        if self._spawn:
+            try:
+                listener.start()
+            except BaseException:
+                self.listeners.remove(listener)
+                raise
+        return listener
+
+    def start_listeners(self) -> list[Listener]:
+        """Start every registered listener not started yet (``flask amqp listen``)."""
+        self._this_process()
+        for listener in self.listeners:
+            if not listener.started:
+                listener.start()
+        return list(self.listeners)
+
+    def cancel_listeners(self) -> None:
+        """Stop taking deliveries at once (basic.cancel); running callbacks go on (SIGTERM)."""
+        for listener in list(self.listeners):
+            listener.cancel()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop every listener gracefully; True when every running callback finished in time."""
+        if self._pid != os.getpid():
+            return True
+        return self._stop_listeners(self.state.shutdown_timeout if timeout is None else timeout)
+
+    def _stop_listeners(self, timeout: float) -> bool:
+        listeners = [listener for listener in self.listeners if listener.started]
+        for listener in listeners:
+            listener.cancel(timeout=min(timeout, 5.0))
+        deadline = time.monotonic() + timeout
+        finished = True
+        for listener in listeners:
+            finished = listener.stop(max(0.0, deadline - time.monotonic())) and finished
+        return finished
+
+
+def _flag(app: Flask, key: str) -> bool:
+    value = app.config[key]
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be True or False, got {value!r}")
+    return value
+
+
+def attach(app: Flask, state: AMQPState, registry: Registry) -> None:
+    """Wire topology, lifecycle, the ``before_request`` hook and ``flask amqp`` into an app.
+
+    Called by ``init_app``; reads ``AMQP_TOPOLOGY``, ``AMQP_DECLARE_ON_START``
+    and ``AMQP_START_LISTENERS`` once.
+
+    :raises ConfigError: naming the offending key.
+    """
+    from .cli import amqp_cli
+
+    state.topology = topology_from_config(app.config["AMQP_TOPOLOGY"]).include(registry.topology)
+    state.lifecycle = Lifecycle(app, state, registry, declare=_flag(app, "AMQP_DECLARE_ON_START"),
+                                start_listeners=_flag(app, "AMQP_START_LISTENERS"))
+    app.before_request(state.lifecycle.ensure_initialised)
+    app.cli.add_command(amqp_cli)
+    _apps.add(app)
+
+
+def live_apps() -> list[Flask]:
+    """The apps set up with the extension in this process."""
+    return [app for app in list(_apps) if "amqp" in app.extensions]

@@ -1,0 +1,298 @@
+"""`flask amqp` commands through Flask's CLI runner, and each once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+from flask import Flask
+from flask.testing import FlaskCliRunner
+
+from flask_nucleon_amqp import AMQP, AMQPState, Message, NotFound, PukaConnection, Queue
+from flask_nucleon_amqp.lifecycle import ListenerSpec
+from flask_nucleon_amqp.listener import ListenerOptions
+
+from conftest import BROKER_URL, Names, make_app, wait_until
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def capp(names: Names) -> Iterator[Flask]:
+    """An app with a small topology, closed before ``names`` deletes it."""
+    room, queue = names.exchange("room"), names.queue()
+    app = make_app(AMQP_TOPOLOGY={"exchanges": {room: {"type": "topic"}}, "queues": {queue: {"expires": 600_000}},
+                                  "bindings": [{"exchange": room, "queue": queue, "routing_key": "#"}]})
+    app.config["ROOM"], app.config["QUEUE"] = room, queue
+    AMQP(app)
+    yield app
+    app.extensions["amqp"].close(timeout=5)
+
+
+@pytest.fixture
+def runner(capp: Flask) -> FlaskCliRunner:
+    return capp.test_cli_runner()
+
+
+def _exists(state: AMQPState, queue: str) -> bool:
+    try:
+        state.queue_declare(queue, passive=True)
+    except NotFound:
+        return False
+    return True
+
+
+def test_declare_prints_what_it_declared(capp: Flask, runner: FlaskCliRunner) -> None:
+    room, queue = capp.config["ROOM"], capp.config["QUEUE"]
+    result = runner.invoke(args=["amqp", "declare"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"declared exchange {room!r} (topic, durable)",
+        f"declared queue {queue!r} (durable, x-expires=600000)",
+        f"declared binding {room!r} -> queue {queue!r} (routing key '#')",
+        "3 declarations on amqp://guest:***@127.0.0.1:5672/%2F",
+    ]
+    assert _exists(capp.extensions["amqp"], queue)
+    assert runner.invoke(args=["amqp", "declare"]).exit_code == 0  # idempotent
+
+
+def test_declare_conflict_is_one_clear_line(capp: Flask, runner: FlaskCliRunner) -> None:
+    capp.extensions["amqp"].exchange_declare(capp.config["ROOM"], "fanout", durable=True)
+    result = runner.invoke(args=["amqp", "declare"])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: 406 cannot declare exchange {capp.config['ROOM']!r} (topic, durable): "
+                                    "PRECONDITION_FAILED")
+    assert "Traceback" not in result.output and result.exception is not None
+
+
+def test_teardown_asks_first(capp: Flask, runner: FlaskCliRunner) -> None:
+    state: AMQPState = capp.extensions["amqp"]
+    queue = capp.config["QUEUE"]
+    runner.invoke(args=["amqp", "declare"])
+    result = runner.invoke(args=["amqp", "teardown"], input="n\n")
+    assert result.exit_code == 1 and "Aborted" in result.output and f"queue {queue!r}" in result.output
+    assert _exists(state, queue)
+    result = runner.invoke(args=["amqp", "teardown"], input="y\n")
+    assert result.exit_code == 0 and f"deleted queue {queue!r}" in result.output
+    assert not _exists(state, queue)
+    runner.invoke(args=["amqp", "declare"])
+    result = runner.invoke(args=["amqp", "teardown", "--yes"])
+    assert result.exit_code == 0 and f"deleted exchange {capp.config['ROOM']!r}" in result.output
+    assert not _exists(state, queue)
+
+
+def test_publish_argument_stdin_headers_json(capp: Flask, runner: FlaskCliRunner) -> None:
+    state: AMQPState = capp.extensions["amqp"]
+    room, queue = capp.config["ROOM"], capp.config["QUEUE"]
+    runner.invoke(args=["amqp", "declare"])
+    result = runner.invoke(args=["amqp", "publish", room, "a.b", "héllo", "--header", "k=v", "-H", "x=1=2",
+                                 "--persistent"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"published 6 bytes to exchange {room!r} with routing key 'a.b' (confirmed)\n"
+    result = runner.invoke(args=["amqp", "publish", room, "a.b"], input=b"\x00\xff binary")
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(args=["amqp", "publish", "", queue, "--json", '{"n": [1, 2]}'])
+    assert result.exit_code == 0 and "the default exchange" in result.output
+    first, second, third = state.get(queue), state.get(queue), state.get(queue)
+    assert first is not None and second is not None and third is not None
+    assert first.body == "héllo".encode() and first.headers == {"k": "v", "x": "1=2"} and first.delivery_mode == 2
+    assert second.body == b"\x00\xff binary"
+    assert third.json() == {"n": [1, 2]} and third.content_type == "application/json"
+    for message in (first, second, third):
+        message.ack()
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["{nope", "--json"], 1, "Error: --json: BODY is not valid JSON"),
+    (["body", "--header", "novalue"], 2, "expected NAME=VALUE"),
+    (["body", "--mandatory"], 1, "Error: 312 NO_ROUTE"),
+])
+def test_publish_errors(names: Names, runner: FlaskCliRunner, args: list[str], status: int, message: str) -> None:
+    result = runner.invoke(args=["amqp", "publish", "", names.queue("absent"), *args])
+    assert result.exit_code == status and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_publish_to_a_missing_exchange(names: Names, runner: FlaskCliRunner) -> None:
+    result = runner.invoke(args=["amqp", "publish", names.exchange("missing"), "k", "body"])
+    assert result.exit_code == 1 and result.output.startswith("Error: 404 NOT_FOUND - no exchange")
+
+
+def test_status_reports_pools_and_queues(capp: Flask, runner: FlaskCliRunner) -> None:
+    queue = capp.config["QUEUE"]
+    result = runner.invoke(args=["amqp", "status"])
+    assert result.exit_code == 1 and f"queue {queue!r}: MISSING (run `flask amqp declare`)" in result.output
+    runner.invoke(args=["amqp", "declare"])
+    capp.extensions["amqp"].publish("", queue, b"waiting")
+    result = runner.invoke(args=["amqp", "status"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("pool 'publish': amqp://guest:***@127.0.0.1:5672/%2F (size 2): reachable, RabbitMQ 3.")
+    assert lines[1].startswith("pool 'listen': amqp://guest:***@127.0.0.1:5672/%2F (size 1): reachable, RabbitMQ 3.")
+    assert lines[2] == f"queue {queue!r}: 1 ready, 0 consumers"
+
+
+def test_status_of_an_unreachable_broker_fails_without_traceback_or_password() -> None:
+    app = make_app(AMQP_URL="amqp://guest:s3cret-pw@127.0.0.1:1/%2F", AMQP_POOLS={"listen": {"url": BROKER_URL}})
+    AMQP(app)
+    try:
+        result = app.test_cli_runner().invoke(args=["amqp", "status"])
+    finally:
+        app.extensions["amqp"].close(timeout=5)
+    assert result.exit_code == 1
+    assert "pool 'publish': amqp://guest:***@127.0.0.1:1/%2F (size 1): UNREACHABLE: cannot connect" in result.output
+    assert "pool 'listen': amqp://guest:***@127.0.0.1:5672/%2F (size 1): reachable" in result.output
+    assert result.output.rstrip().endswith("Error: cannot reach the broker of pool(s) 'publish'")
+    assert "s3cret-pw" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["declare"], ["teardown", "--yes"], ["publish", "", "q", "body"], ["listen"]])
+def test_refused_connection_is_one_clear_line(command: list[str]) -> None:
+    amqp = AMQP()
+    amqp.topology.add(Queue("q"))
+    amqp.listener("q")(lambda c, p, m: None)
+    app = make_app(AMQP_URL="amqp://guest:s3cret-pw@127.0.0.1:1/%2F")
+    amqp.init_app(app)
+    try:
+        if command == ["listen"]:
+            # A worker must start while the broker restarts: listen keeps retrying, so stop it at once.
+            gevent.spawn_later(0.3, os.kill, os.getpid(), signal.SIGTERM)
+        result = app.test_cli_runner().invoke(args=["amqp", *command])
+    finally:
+        app.extensions["amqp"].close(timeout=5)
+    assert "Traceback" not in result.output and "s3cret-pw" not in result.output
+    if command == ["listen"]:
+        assert result.exit_code == 0 and "stopped: 0 messages handled" in result.output
+    else:
+        assert result.exit_code == 1
+        assert result.output.splitlines()[-1].startswith("Error: cannot connect to amqp://guest:***@127.0.0.1:1/%2F")
+
+
+def test_listen_runs_until_sigterm(capp: Flask, runner: FlaskCliRunner) -> None:
+    queue = capp.config["QUEUE"]
+    handled: list[bytes] = []
+    state: AMQPState = capp.extensions["amqp"]
+
+    def handle(connection: PukaConnection, promise: int, message: Message) -> None:
+        handled.append(message.body)
+
+    def drive() -> None:
+        assert wait_until(lambda: state.listeners and state.listeners[0].consuming)
+        for i in range(3):
+            state.publish("", queue, str(i))
+        assert wait_until(lambda: len(handled) == 3)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert state.lifecycle is not None
+    state.lifecycle.registry.listeners.append(ListenerSpec(queue, handle, ListenerOptions()))  # as @amqp.listener
+    driver = gevent.spawn(drive)
+    result = runner.invoke(args=["amqp", "listen"])
+    driver.get(timeout=1)
+    assert result.exit_code == 0, result.output
+    assert f"listening on queue {queue!r} -> test_cli.test_listen_runs_until_sigterm.<locals>.handle" in result.output
+    assert "SIGTERM: stopping" in result.output and "stopped: 3 messages handled, 0 failed" in result.output
+    assert sorted(handled) == [b"0", b"1", b"2"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_listen_without_listeners_says_how_to_add_one(runner: FlaskCliRunner) -> None:
+    result = runner.invoke(args=["amqp", "listen"])
+    assert result.exit_code == 1 and "no listeners: decorate a function with @amqp.listener" in result.output
+
+
+def test_commands_need_the_extension() -> None:
+    app = Flask("bare")
+    from flask_nucleon_amqp.cli import amqp_cli
+
+    app.cli.add_command(amqp_cli)
+    result = app.test_cli_runner().invoke(args=["amqp", "status"])
+    assert result.exit_code == 1 and "does not use flask_nucleon_amqp" in result.output
+
+
+# -- the real thing: `python -m flask --app ... amqp ...` in a subprocess ------------------------------
+def _environment(names: Names, **extra: str) -> dict[str, str]:
+    queue, results = names.queue("work"), names.queue("results")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+           "LIFECYCLE_AMQP_URL": BROKER_URL, "LIFECYCLE_QUEUE": queue, "LIFECYCLE_RESULTS": results,
+           "LIFECYCLE_TOPOLOGY": json.dumps({"queues": {queue: {"quorum": True}, results: {"expires": 600_000}}}),
+           **extra}
+    return env
+
+
+def _flask(env: dict[str, str], *args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "_lifecycle_app:create_app", "amqp", *args],
+                          env=env, cwd=TESTS, capture_output=True, text=True, timeout=60, **options)
+
+
+def _events(state: AMQPState, results: str) -> list[dict[str, Any]]:
+    events = []
+    while (message := state.get(results)) is not None:
+        events.append(message.json())
+        message.ack()
+    return events
+
+
+def test_every_command_as_a_subprocess(names: Names, app: Flask) -> None:
+    env = _environment(names)
+    queue, results = env["LIFECYCLE_QUEUE"], env["LIFECYCLE_RESULTS"]
+    state: AMQPState = app.extensions["amqp"]
+    declared = _flask(env, "declare")
+    assert declared.returncode == 0, declared.stderr
+    assert f"declared queue {queue!r} (quorum)" in declared.stdout
+    assert [e["event"] for e in _events(state, results)] == ["initialised"]  # on_initialise ran
+    published = _flask(env, "publish", "", queue, "--header", "sleep=0", input="from stdin")
+    assert published.returncode == 0 and "(confirmed)" in published.stdout, published.stderr
+    status = _flask(env, "status")
+    assert status.returncode == 0 and f"queue {queue!r}: 1 ready, 0 consumers" in status.stdout, status.stderr
+    refused = _flask({**env, "LIFECYCLE_AMQP_URL": "amqp://guest:s3cret-pw@127.0.0.1:1/%2F"}, "status")
+    assert refused.returncode == 1 and "UNREACHABLE" in refused.stdout
+    assert "Traceback" not in refused.stderr and "s3cret-pw" not in refused.stdout + refused.stderr
+    torn = _flask(env, "teardown", "--yes")
+    assert torn.returncode == 0 and f"deleted queue {queue!r}" in torn.stdout, torn.stderr
+    assert not _exists(state, queue)
+
+
+def test_sigterm_during_slow_callbacks_loses_no_message(names: Names, app: Flask) -> None:
+    """`flask amqp listen` as a worker process: SIGTERM while callbacks sleep; every message is
+    either handled and acked, or back in the queue."""
+    env = _environment(names, LIFECYCLE_PREFETCH="2")
+    queue, results = env["LIFECYCLE_QUEUE"], env["LIFECYCLE_RESULTS"]
+    state: AMQPState = app.extensions["amqp"]
+    assert _flask(env, "declare").returncode == 0
+    for i in range(6):
+        state.publish("", queue, f"m{i}", headers={"sleep": "1.0"}, persistent=True)
+    worker = subprocess.Popen([sys.executable, "-m", "flask", "--app", "_lifecycle_app:create_app", "amqp", "listen"],
+                              env=env, cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        events: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 20
+        while sum(e["event"] == "started" for e in events) < 2 and time.monotonic() < deadline:
+            events += _events(state, results)
+            gevent.sleep(0.05)
+        assert sum(e["event"] == "started" for e in events) == 2, events
+        worker.send_signal(signal.SIGTERM)  # two callbacks are sleeping now
+        out, err = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, err
+    assert "SIGTERM: stopping" in out and "stopped: 2 messages handled, 0 failed" in out, out + err
+    events += _events(state, results)
+    done = [e["body"] for e in events if e["event"] == "done"]
+    assert sorted(done) == sorted(e["body"] for e in events if e["event"] == "started")  # every started one finished
+    assert len(done) == len(set(done)) == 2
+    remaining = []
+    while (message := state.get(queue)) is not None:
+        remaining.append(message.text)
+        message.ack()
+    assert sorted(done + remaining) == [f"m{i}" for i in range(6)]  # nothing lost, nothing twice
