@@ -354,6 +354,27 @@ def _bcm_basic_consume_ok(t: Any, result: Any) -> None:
             ready()
 
 
+_original_basic_cancel_one = puka_machine._basic_cancel_one
+
+
+def _basic_cancel_one(ct: Any) -> None:
+    """A consumer with no tag left is already being cancelled: its cancel-ok will finish (D17, D19)."""
+    if ct.x_consumer_tag:
+        _original_basic_cancel_one(ct)
+
+
+def _bcm_basic_cancel(ct: Any, result: Any) -> None:
+    """The broker cancelled the consumer (its queue was deleted).
+
+    puka answers with a basic.cancel of its own; when ours is already under
+    way, that one's cancel-ok ends the consumer, so nothing more is sent.
+    """
+    ct.register(puka_spec.METHOD_BASIC_CANCEL, puka_machine._generic_callback_nop)
+    if getattr(ct, "x_mt", None) is None:
+        ct.x_ct = ct
+        puka_machine._basic_cancel(ct)
+
+
 def _apply_patches() -> None:
     puka_compat.as_str = _lenient_as_str
     puka_spec.as_str = _lenient_as_str
@@ -366,6 +387,8 @@ def _apply_patches() -> None:
     puka_promise.Promise.recv_method = _recv_method
     puka_machine._pt_channel_open_ok_puback = _pt_channel_open_ok_puback
     puka_machine._pt_basic_ack = _pt_basic_ack
+    puka_machine._basic_cancel_one = _basic_cancel_one
+    puka_machine._bcm_basic_cancel = _bcm_basic_cancel
     puka_machine._bcm_basic_consume_ok = _bcm_basic_consume_ok
 
 

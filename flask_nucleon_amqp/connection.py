@@ -858,6 +858,7 @@ class PukaConnection:
                 log.warning("broker cancelled the consumer on queue %r (deleted?)", consumer.queue)
                 consumer.cancelled = True
                 self._consumers.pop(consumer.promise, None)
+                _emit(signals.consumer_cancelled, self, promise=consumer.promise, queue=consumer.queue)
             return
         error = self._error(result, session, queue=consumer.queue)
         if consumer is self._reply_consumer:  # the request on this channel failed: so do all calls

@@ -184,10 +184,8 @@ class Lifecycle:
                             "connections open", exc)
         # Every connection re-declares it after each (re)open, before its consumers resume.
         for pool in self.state.pools.values():
-            for _ in range(pool.settings.size):  # makes every connection object (they open lazily)
-                conn = pool.connection()
-                if topology.redeclare_hook not in conn.on_open:
-                    conn.on_open.append(topology.redeclare_hook)
+            if topology.redeclare_hook not in pool.on_open:
+                pool.on_open.append(topology.redeclare_hook)
 
     # -- listeners -----------------------------------------------------------------------------------
     def register_listener(self, queue: str, callback: MessageCallback,

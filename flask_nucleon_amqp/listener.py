@@ -135,6 +135,8 @@ class Listener:
         #: received: deliveries; handled: callbacks that returned; failed: callbacks that raised.
         self.stats = {"received": 0, "handled": 0, "failed": 0}
         assert options.concurrency is not None
+        self._concurrency = options.concurrency
+        self._busy = 0  # workers between spawn and their final look at the backlog
         self._workers = gevent.pool.Pool(options.concurrency)
         self._backlog: deque[tuple[PukaConnection, int, Message]] = deque()
         self._stopping = Event()
@@ -247,15 +249,21 @@ class Listener:
             self._settle(message, "reject", requeue=True)
             return
         self.stats["received"] += 1
-        if self._workers.free_count() > 0:
+        # Count busy workers ourselves: the pool still counts a worker that has just finished
+        # until a later hub turn, and a delivery parked then would wait with no worker left.
+        if self._busy < self._concurrency:
+            self._busy += 1
             self._workers.spawn(self._work, conn, promise, message)
         else:
             self._backlog.append((conn, promise, message))
 
     def _work(self, conn: PukaConnection, promise: int, message: Message) -> None:
-        self._handle(conn, promise, message)
-        while self._backlog and not self._stopping.is_set():
-            self._handle(*self._backlog.popleft())
+        try:
+            self._handle(conn, promise, message)
+            while self._backlog and not self._stopping.is_set():
+                self._handle(*self._backlog.popleft())
+        finally:
+            self._busy -= 1  # after the last look at the backlog, with no yield in between
 
     def _handle(self, conn: PukaConnection, promise: int, message: Message) -> None:
         try:

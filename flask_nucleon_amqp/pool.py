@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -34,6 +35,9 @@ class Pool:
         self._next = 0
         self._pid = os.getpid()
         self.closed = False
+        #: Hooks every connection of this pool runs after each (re)open, before its consumers
+        #: resume (e.g. declaring the topology again); also for connections made later.
+        self.on_open: list[Callable[[PukaConnection], Any]] = []
         self._probe: gevent.Greenlet | None = None
         self._last_error: str | None = "not connected yet"
         _all_pools.add(self)
@@ -64,11 +68,15 @@ class Pool:
         return conn
 
     def _new_connection(self, index: int) -> PukaConnection:
+        conn: PukaConnection
         if self.settings.transport == "memory":
             from .memory import MemoryConnection  # only tests need it
 
-            return MemoryConnection(self.settings, index)  # type: ignore[return-value]
-        return PukaConnection(self.settings, index)
+            conn = MemoryConnection(self.settings, index)  # type: ignore[assignment]
+        else:
+            conn = PukaConnection(self.settings, index)
+        conn.on_open = self.on_open  # shared: a hook added to the pool reaches every connection
+        return conn
 
     def connections(self) -> list[PukaConnection]:
         """The connections created so far."""

@@ -13,6 +13,7 @@ message_returned       exchange, routing_key, error (an unroutable mandatory mes
 message_received       message
 message_acked          message
 message_rejected       message, requeue (reject and nack)
+consumer_cancelled     promise, queue (the broker cancelled a consumer: its queue was deleted)
 connection_opened      node (host:port)
 connection_lost        node, reason
 connection_recovered   node
@@ -27,7 +28,7 @@ from blinker import Namespace
 
 __all__ = [
     "message_published", "message_confirmed", "message_returned", "message_received", "message_acked",
-    "message_rejected", "connection_opened", "connection_lost", "connection_recovered", "connection_blocked",
+    "message_rejected", "consumer_cancelled", "connection_opened", "connection_lost", "connection_recovered", "connection_blocked",
     "connection_unblocked",
 ]
 
@@ -39,6 +40,7 @@ message_returned = _signals.signal("amqp-message-returned")
 message_received = _signals.signal("amqp-message-received")
 message_acked = _signals.signal("amqp-message-acked")
 message_rejected = _signals.signal("amqp-message-rejected")
+consumer_cancelled = _signals.signal("amqp-consumer-cancelled")
 connection_opened = _signals.signal("amqp-connection-opened")
 connection_lost = _signals.signal("amqp-connection-lost")
 connection_recovered = _signals.signal("amqp-connection-recovered")

@@ -630,3 +630,36 @@ def test_call_to_a_missing_exchange_fails_at_once(conn: PukaConnection, names: N
     conn.queue_declare(queue)
     with pytest.raises(Timeout):  # the next call gets a fresh reply consumer
         conn.call("", queue, b"nobody answers", timeout=0.3)
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_cancel_racing_the_brokers_own_cancel(conn: PukaConnection, names: Names, queue_type: str) -> None:
+    """The queue is deleted under a consumer and the app cancels it at the same moment."""
+    from flask_nucleon_amqp import signals
+
+    cancelled: list = []
+
+    def on_cancelled(sender: object, **kwargs: object) -> None:
+        cancelled.append(kwargs)
+
+    signals.consumer_cancelled.connect(on_cancelled)
+    try:
+        queue = names.queue(queue_type)
+        arguments = {"x-queue-type": queue_type}
+        conn.queue_declare(queue, durable=queue_type == "quorum", arguments=arguments)
+        promise = conn.consume(queue, callback=lambda p, m: None)
+        other = make_app()
+        AMQP(other)
+        other.extensions["amqp"].queue_delete(queue)  # from another connection
+        try:
+            conn.cancel(promise, timeout=5)
+        except ValueError:
+            pass  # the broker's cancel was processed first: nothing left to cancel
+        assert not conn.has_consumer(promise)
+        session = conn._session
+        conn.queue_declare(names.queue())  # the connection is unharmed
+        assert conn._session is session
+        other.extensions["amqp"].close()
+    finally:
+        signals.consumer_cancelled.disconnect(on_cancelled)
+    assert all(event == {"promise": promise, "queue": queue} for event in cancelled)
