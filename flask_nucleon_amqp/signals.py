@@ -28,8 +28,8 @@ from blinker import Namespace
 
 __all__ = [
     "message_published", "message_confirmed", "message_returned", "message_received", "message_acked",
-    "message_rejected", "consumer_cancelled", "connection_opened", "connection_lost", "connection_recovered", "connection_blocked",
-    "connection_unblocked",
+    "message_rejected", "consumer_cancelled", "connection_opened", "connection_lost", "connection_recovered",
+    "connection_blocked", "connection_unblocked",
 ]
 
 _signals = Namespace()
