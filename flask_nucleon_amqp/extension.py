@@ -159,6 +159,15 @@ class AMQPState:
         assert self.lifecycle is not None, "set up by init_app"
         self.lifecycle.initialise(start_listeners=start_listeners)
 
+    def health(self) -> dict[str, Any]:
+        """A JSON-able health report for a ``/healthz`` route; never waits, never opens a new connection
+        per call (a pool with no open connection starts one attempt in the background).
+        """
+        pools = {name: pool.health() for name, pool in self.pools.items()}
+        listeners = [{"queue": listener.queue, "consuming": listener.consuming} for listener in self.listeners]
+        ok = all(pool["ok"] for pool in pools.values()) and all(entry["consuming"] for entry in listeners)
+        return {"ok": ok, "pools": pools, "listeners": listeners}
+
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per pool: connections open, pending operations, publishes confirmed/failed, deliveries."""
         return {name: pool.stats() for name, pool in self.pools.items()}

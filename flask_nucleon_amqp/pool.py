@@ -103,12 +103,15 @@ class Pool:
         open_count = sum(conn.is_open for conn in connections)
         if open_count == 0 and not self.closed and (self._probe is None or self._probe.dead):
             self._probe = gevent.spawn(self._try_to_connect)
+        server = next((conn._session.server_properties for conn in connections
+                       if conn.is_open and conn._session is not None), {})
         return {
             "ok": open_count > 0,
             "open": open_count,
             "size": self.settings.size,
             "blocked": any(conn.blocked for conn in connections),
             "broker": self.settings.safe_url(),
+            "server": f"{server.get('product', '')} {server.get('version', '')}".strip() or None,
             "error": None if open_count else self._last_error,
         }
 

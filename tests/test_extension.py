@@ -93,3 +93,17 @@ def test_close_is_idempotent_and_never_raises(app: Flask) -> None:
     state.close()
     state.close()
     assert state.closed
+
+
+def test_health_report_for_a_healthz_route(app: Flask, client) -> None:
+    from conftest import wait_until
+
+    @app.get("/healthz")
+    def healthz() -> tuple:
+        report = current_app.amqp.health()
+        return report, 200 if report["ok"] else 503
+
+    assert wait_until(lambda: client.get("/healthz").status_code == 200, timeout=10)
+    report = client.get("/healthz").json
+    assert set(report["pools"]) == {"publish", "listen"} and report["ok"] is True
+    assert all(pool["ok"] and pool["server"].startswith("RabbitMQ") for pool in report["pools"].values())
