@@ -53,23 +53,72 @@ def _where(state: AMQPState, pool: str = "publish") -> str:
 
 
 @amqp_cli.command("declare")
-def declare_command() -> None:
+@click.option("--check", is_flag=True,
+              help="Declare nothing: compare the broker's topology with the declared one; exit 1 if they differ.")
+@click.option("--dry-run", is_flag=True, help="Print what would be declared; connect to nothing.")
+def declare_command(check: bool, dry_run: bool) -> None:
     """Declare the configured and registered exchanges, queues and bindings.
 
     Idempotent. Also runs the on_initialise handlers (listeners they register
-    are not started).
+    are not started). --check and --dry-run run no handlers (they may touch
+    the broker), so they see AMQP_TOPOLOGY, amqp.topology and the retry queues
+    of @amqp.listener listeners, not what handlers declare.
     """
     state = _state()
+    if check and dry_run:
+        raise click.UsageError("give --check or --dry-run, not both")
+    if dry_run:
+        _dry_run(state)
+        return
+    if check:
+        _check(state)
+        return
     with _expected_errors():
-        state.topology.declare(state.connection())
+        conn = state.connection()
+        state.topology.declare(conn)
         state.initialise(start_listeners=False)
-    declared = list(state.topology)
+        declared = state.topology.declare(conn)  # again: handlers and listeners may have added some
     for declaration in declared:
         click.echo(f"declared {declaration.describe()}")
     if not declared:
         click.echo("nothing to declare: set AMQP_TOPOLOGY or register declarations with amqp.topology.add(...)")
     else:
         click.echo(f"{len(declared)} declarations on {_where(state)}")
+
+
+def _dry_run(state: AMQPState) -> None:
+    declarations = list(state.topology)
+    for declaration in declarations:
+        click.echo(f"would declare {declaration.describe()}")
+    click.echo(f"{len(declarations)} declarations for {_where(state)} (dry run: nothing declared, "
+               "no connection opened, no on_initialise handler run)")
+
+
+def _check(state: AMQPState) -> None:
+    declarations = list(state.topology)
+    if not declarations:
+        click.echo("nothing to check: the topology is empty")
+        return
+    with _expected_errors():
+        results = state.topology.check(state.connection())
+    for result in results:
+        click.echo(str(result))
+    wrong = [result for result in results if not result.matches]
+    if wrong:
+        missing = sum(result.status == "missing" for result in wrong)
+        differs = sum(result.status == "differs" for result in wrong)
+        errors = len(wrong) - missing - differs
+        parts = [f"{missing} missing" if missing else "", f"{differs} with other settings" if differs else "",
+                 f"{errors} could not be checked" if errors else ""]
+        advice = []
+        if missing:
+            advice.append("`flask amqp declare` creates missing ones")
+        if differs:
+            advice.append("one with other settings must be deleted (or its declaration changed) first")
+        raise click.ClickException(f"the broker at {_where(state)} differs from the declared topology: "
+                                   f"{', '.join(p for p in parts if p)} of {len(results)} declarations"
+                                   + (f"; {'; '.join(advice)}" if advice else ""))
+    click.echo(f"{len(results)} declarations match {_where(state)}")
 
 
 @amqp_cli.command("teardown")

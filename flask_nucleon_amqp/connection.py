@@ -714,7 +714,7 @@ class PukaConnection:
         limit = self.settings.operation_timeout if timeout is None else timeout
         session.client.publish(exchange_b, routing_key_b, data, properties, mandatory, confirmed, started + limit)
         session.schedule_flush()
-        self._published(context, len(data))
+        self._published(context, data, properties)
         return promise
 
     basic_publish = publish
@@ -734,14 +734,14 @@ class PukaConnection:
                                        partial(session.hub.loop.run_callback, waiter.switch),
                                        started + self.settings.operation_timeout)
                 session.schedule_flush()
-                self._published(context, len(data))
+                self._published(context, data, properties)
                 result = waiter.get()
             else:
                 box = AsyncResult()
                 session.client.publish(exchange, routing_key, data, properties, mandatory, box.set,
                                        started + timeout)
                 session.schedule_flush()
-                self._published(context, len(data))
+                self._published(context, data, properties)
                 result = box.wait(timeout)
         finally:
             self._end()
@@ -749,9 +749,9 @@ class PukaConnection:
         if isinstance(outcome, BaseException):
             raise outcome
 
-    def _published(self, context: dict[str, str], size: int) -> None:
+    def _published(self, context: dict[str, str], body: bytes, properties: dict[str, Any]) -> None:
         self.stats["published"] += 1
-        _emit(signals.message_published, self, body_size=size, **context)
+        _emit(signals.message_published, self, body_size=len(body), body=body, properties=properties, **context)
 
     def _publish_outcome(self, result: Any, session: _Session, context: dict[str, str], started: float) -> Any:
         """Count and signal one publish's outcome: ``{}`` when confirmed, else the exception."""

@@ -10,7 +10,7 @@ import atexit
 import copy
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from flask import Flask, current_app, has_app_context
@@ -22,6 +22,7 @@ from .lifecycle import Lifecycle, ListenerSpec, Registry, attach
 from .listener import Listener, ListenerOptions, MessageCallback
 from .message import Message
 from .pool import Pool
+from .retry import RetryPolicy, retry_declarations
 from .topology import Declaration, Topology
 
 __all__ = ["AMQP", "AMQPState"]
@@ -130,14 +131,19 @@ class AMQPState:
 
     def register_and_spawn_amqp_listener(self, queue: str, callback: MessageCallback, type: str = "listen", *,
                                          prefetch_count: int = 10, concurrency: int | None = None,
-                                         on_error: str = "requeue") -> Listener:
+                                         on_error: str = "requeue",
+                                         retry: RetryPolicy | Mapping[str, Any] | None = None) -> Listener:
         """Consume ``queue`` and run ``callback(connection, promise, message)`` for each delivery.
 
         As in Nucleon. The callback runs in an app context, at most
         ``concurrency`` (default: ``prefetch_count``) at a time; a message it
         leaves unsettled is acked when it returns; when it raises, the
         traceback is logged and the message requeued, rejected or
-        dead-lettered per ``on_error``. The listener survives connection loss
+        dead-lettered per ``on_error``. A value it returns is published as
+        the reply when the message has ``reply_to``. With
+        ``retry=dict(max_attempts=..., delay=...)`` a failed message is tried
+        again ``delay`` seconds later, then goes to the ``<queue>.dead`` queue
+        (see :mod:`flask_nucleon_amqp.retry`). The listener survives connection loss
         and is stopped gracefully by :meth:`close`. Returns once consuming
         (or, when the broker is unreachable, while retrying in the background).
 
@@ -145,7 +151,7 @@ class AMQPState:
         """
         assert self.lifecycle is not None, "set up by init_app"
         options = ListenerOptions(type=type, prefetch_count=prefetch_count, concurrency=concurrency,
-                                  on_error=on_error)
+                                  on_error=on_error, retry=RetryPolicy.parse(retry))
         self.get_amqp_pool(type)  # an unknown pool fails here, naming it
         return self.lifecycle.register_listener(queue, callback, options)
 
@@ -267,19 +273,25 @@ class AMQP:
         return handler
 
     def listener(self, queue: str, type: str = "listen", *, prefetch_count: int = 10,
-                 concurrency: int | None = None, on_error: str = "requeue") -> Callable[[F], F]:
+                 concurrency: int | None = None, on_error: str = "requeue",
+                 retry: RetryPolicy | Mapping[str, Any] | None = None) -> Callable[[F], F]:
         """Decorator form of :meth:`AMQPState.register_and_spawn_amqp_listener`; works before init_app.
 
         The listener starts when the process initialises (first request,
         gunicorn ``post_worker_init``, or ``flask amqp listen``)::
 
-            @amqp.listener("listener1", prefetch_count=20)
+            @amqp.listener("listener1", prefetch_count=20, retry=dict(max_attempts=3, delay=5))
             def deliver(connection, promise, message): ...
+
+        Its retry queues join :attr:`topology` at once, so ``flask amqp
+        declare`` (and ``--check``, ``--dry-run``) know them before any process starts.
         """
         if not isinstance(queue, str) or not queue:
             raise ValueError(f"@listener needs a queue name, got {queue!r}")
         options = ListenerOptions(type=type, prefetch_count=prefetch_count, concurrency=concurrency,
-                                  on_error=on_error)
+                                  on_error=on_error, retry=RetryPolicy.parse(retry))
+        if options.retry is not None:
+            self._registry.topology.add(*retry_declarations(queue, options.retry))
 
         def register(callback: F) -> F:
             if not callable(callback):

@@ -201,6 +201,8 @@ class Lifecycle:
             except BaseException:
                 self.listeners.remove(listener)
                 raise
+        else:
+            listener.register_declarations()  # `flask amqp declare` declares its retry queues
         return listener
 
     def start_listeners(self) -> list[Listener]:

@@ -18,6 +18,20 @@ Settling policy, so that no message is lost and none is stuck:
   queue is declared with a dead-letter exchange, so a typo cannot silently
   drop messages. The listener itself never dies of a callback error.
 
+Replies: when the callback **returns** a value other than None and the
+message has ``reply_to`` (a request made with :meth:`PukaConnection.call`, or
+any RPC client), the value is published as the reply, to the default exchange
+with ``routing_key=reply_to`` and the request's ``correlation_id``: bytes and
+str as the body, anything else as JSON. The reply is confirmed before the
+request is acked; a reply that cannot be published counts as a failure of the
+callback. It is not ``mandatory``: a caller that gave up has no reply queue
+any more, and its reply is dropped, as RabbitMQ does for direct reply-to.
+
+Retries: with ``retry=dict(max_attempts=..., delay=...)`` a failed message is
+tried again after ``delay`` seconds, up to ``max_attempts`` in all, then goes
+to the queue's dead-letter queue with the reason in a header; see
+:mod:`flask_nucleon_amqp.retry` for the queues this declares and why.
+
 Supervision: the connection layer reopens a lost connection and resumes the
 consumer by itself; the listener's supervisor greenlet covers the rest (the
 broker cancelled the consumer because its queue was deleted, or the broker
@@ -40,14 +54,18 @@ import gevent
 import gevent.pool
 from gevent.event import AsyncResult, Event
 
+from . import retry as _retry
 from .exceptions import AMQPError, ConnectionError, MessageStateError, Timeout
+from .retry import RetryPolicy
+from .topology import Topology
 
 if TYPE_CHECKING:
     from flask import Flask
 
+    from .config import PoolSettings
     from .connection import PukaConnection
     from .message import Message
-    from .topology import Topology
+    from .topology import Declaration
 
 __all__ = ["Listener", "ListenerOptions", "MessageCallback", "ON_ERROR"]
 
@@ -77,12 +95,16 @@ class ListenerOptions:
     :param concurrency: how many callbacks run at once; defaults to
         ``prefetch_count`` (more would idle, fewer holds messages back in a backlog).
     :param on_error: ``"requeue"``, ``"reject"`` or ``"dead-letter"`` (see the module doc).
+    :param retry: a :class:`~flask_nucleon_amqp.retry.RetryPolicy` (or
+        ``dict(max_attempts=..., delay=...)``): try a failed message again
+        later, then dead-letter it. It replaces ``on_error``, which must stay at its default.
     """
 
     type: str = "listen"
     prefetch_count: int = 10
     concurrency: int | None = None
     on_error: str = "requeue"
+    retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.type, str) or not self.type:
@@ -96,6 +118,10 @@ class ListenerOptions:
             raise ValueError(f"concurrency must be an integer >= 1, got {self.concurrency!r}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, got {self.on_error!r}")
+        object.__setattr__(self, "retry", RetryPolicy.parse(self.retry))
+        if self.retry is not None and self.on_error != "requeue":
+            raise ValueError(f"on_error={self.on_error!r} does not apply with retry=...: a message that fails its "
+                             "last attempt goes to the queue's dead-letter queue; leave on_error at its default")
 
 
 def _callback_name(callback: Any) -> str:
@@ -105,6 +131,10 @@ def _callback_name(callback: Any) -> str:
     module = getattr(callback, "__module__", None)
     name = getattr(callback, "__qualname__", None) or repr(callback)
     return f"{module}.{name}" if module else name
+
+
+def _same_broker(a: PoolSettings, b: PoolSettings) -> bool:
+    return (a.transport, a.nodes, a.vhost) == (b.transport, b.nodes, b.vhost)
 
 
 class Listener:
@@ -142,6 +172,15 @@ class Listener:
         self._stopping = Event()
         self._supervisor: gevent.Greenlet | None = None
         self._pid = os.getpid()
+        #: The retry and dead-letter queues (empty without ``retry``), in the app's topology too, so that
+        #: they are re-declared after reconnects and seen by ``flask amqp declare``/``status``/``teardown``.
+        self.retry_declarations: tuple[Declaration, ...] = ()
+        self._retry_topology = Topology()
+        if options.retry is not None:
+            self.retry_declarations = _retry.retry_declarations(queue, options.retry)
+            self._retry_topology.add(*self.retry_declarations)
+            if topology is not None:
+                topology.ensure_compatible(*self.retry_declarations)  # another delay for the same queue fails now
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopping.is_set() else "consuming" if self.consuming else "idle"
@@ -163,8 +202,19 @@ class Listener:
 
     def describe(self) -> str:
         o = self.options
+        on_error = (f"retry ({o.retry.describe()}), then {_retry.dead_queue_name(self.queue)!r}"
+                    if o.retry is not None else o.on_error)
         return (f"queue {self.queue!r} -> {_callback_name(self.callback)} (pool {o.type!r}, "
-                f"prefetch {o.prefetch_count}, concurrency {o.concurrency}, on error: {o.on_error})")
+                f"prefetch {o.prefetch_count}, concurrency {o.concurrency}, on error: {on_error})")
+
+    def register_declarations(self) -> None:
+        """Put the retry queues in the app's topology (done by :meth:`start`, or for a listener not started).
+
+        Not before: every connection that opens declares the topology, and a
+        listener whose queue turns out to be missing must leave nothing behind.
+        """
+        if self._topology is not None and self.retry_declarations:
+            self._topology.add(*self.retry_declarations)
 
     # -- starting ---------------------------------------------------------------------------------
     def start(self) -> Listener:
@@ -186,6 +236,7 @@ class Listener:
         if error is not None:
             self._supervisor = None
             raise error
+        self.register_declarations()
         return self
 
     def _check_dead_letter(self) -> None:
@@ -236,11 +287,28 @@ class Listener:
                 conn.on_open.append(hook)
             if again:
                 self._topology.declare(conn)
+        if self.retry_declarations:
+            self._declare_retry_queues(conn)
         self.promise = None
         self.connection = conn
         self.promise = conn.consume(self.queue, functools.partial(self._on_delivery, conn),
                                     prefetch_count=self.options.prefetch_count)
         log.info("listening on %r (%s)", self.queue, _callback_name(self.callback))
+
+    def _declare_retry_queues(self, conn: PukaConnection) -> None:
+        """Declare the retry queues before consuming, so the first failure has somewhere to go.
+
+        The queue itself is checked first (passively): a listener on a queue
+        that does not exist fails without leaving retry queues behind.
+        """
+        conn.queue_declare(self.queue, passive=True)
+        self._retry_topology.declare(conn)
+        if not self._redeclare:
+            # The app's topology is not re-declared after reconnects (AMQP_DECLARE_ON_START is False),
+            # but these queues are the extension's own: a broker that lost them gets them back.
+            hook = self._retry_topology.redeclare_hook
+            if hook not in conn.on_open:
+                conn.on_open.append(hook)
 
     # -- deliveries ---------------------------------------------------------------------------------
     def _on_delivery(self, conn: PukaConnection, promise: int, message: Message) -> None:
@@ -266,27 +334,89 @@ class Listener:
             self._busy -= 1  # after the last look at the backlog, with no yield in between
 
     def _handle(self, conn: PukaConnection, promise: int, message: Message) -> None:
+        if self.options.retry is not None:
+            _retry.restore_route(message)
         try:
             with self.app.app_context():
-                self.callback(conn, promise, message)
+                result = self.callback(conn, promise, message)
+            if result is not None:
+                self._reply(conn, message, result)
         except gevent.GreenletExit:
             # Killed after the stop timeout: give the message back now rather than at close.
             if not message.settled:
                 self._settle(message, "reject", requeue=True)
             raise
-        except Exception:
+        except Exception as exc:
             self.stats["failed"] += 1
-            requeue = self.options.on_error == "requeue"
-            outcome = "already settled by the callback" if message.settled else (
-                "requeued" if requeue else "rejected (dead-lettered if the queue has a dead-letter exchange)")
-            log.exception("listener on %r: %s raised on delivery %s; message %s", self.queue,
-                          _callback_name(self.callback), message.delivery_tag, outcome)
-            if not message.settled:
-                self._settle(message, "reject", requeue=requeue)
+            self._failed(conn, message, exc)
         else:
             self.stats["handled"] += 1
             if not message.settled:
                 self._settle(message, "ack")
+
+    def _failed(self, conn: PukaConnection, message: Message, exc: Exception) -> None:
+        """The callback (or its reply) raised: log it, then requeue, reject, retry or dead-letter."""
+        where = f"listener on {self.queue!r}: {_callback_name(self.callback)} raised on delivery {message.delivery_tag}"
+        policy = self.options.retry
+        if message.settled:
+            log.error("%s; message already settled by the callback", where, exc_info=exc)
+            return
+        if policy is None:
+            requeue = self.options.on_error == "requeue"
+            log.error("%s; message %s", where, "requeued" if requeue else
+                      "rejected (dead-lettered if the queue has a dead-letter exchange)", exc_info=exc)
+            self._settle(message, "reject", requeue=requeue)
+            return
+        attempt = _retry.attempt_of(message)
+        if attempt < policy.max_attempts:
+            target, retries, reason = _retry.retry_queue_name(self.queue), attempt, None
+            plan = f"attempt {attempt} of {policy.max_attempts}; trying again in {policy.delay:g}s"
+        else:
+            target, retries, reason = _retry.dead_queue_name(self.queue), attempt - 1, _retry.failure_reason(exc)
+            plan = f"attempt {attempt} of {policy.max_attempts}; message sent to {target!r}"
+        log.error("%s (%s)", where, plan, exc_info=exc)
+        try:
+            _retry.republish(self._publisher(conn), message, target, retries, reason)
+        except Exception as error:  # noqa: BLE001 - whatever failed, the message must not be lost
+            pause = min(policy.delay, MAX_BACKOFF)
+            log.error("listener on %r: could not send delivery %s to %r (%s); requeueing it in %gs",
+                      self.queue, message.delivery_tag, target, error, pause)
+            self._stopping.wait(pause)  # not a hot loop while the retry queue is missing
+            self._settle(message, "reject", requeue=True)
+            return
+        self._settle(message, "ack")  # only once the broker has confirmed the copy
+
+    def _reply(self, conn: PukaConnection, message: Message, value: Any) -> None:
+        """Publish what the callback returned to the request's ``reply_to`` (see the module doc)."""
+        reply_to = message.reply_to
+        if not reply_to:
+            log.debug("listener on %r: %s returned a value but delivery %s has no reply_to; not replying",
+                      self.queue, _callback_name(self.callback), message.delivery_tag)
+            return
+        publisher = self._publisher(conn)
+        correlation_id = message.correlation_id
+        if isinstance(value, (bytes, str)):
+            publisher.publish("", reply_to, value, correlation_id=correlation_id)
+        elif isinstance(value, (bytearray, memoryview)):
+            publisher.publish("", reply_to, bytes(value), correlation_id=correlation_id)
+        else:
+            publisher.publish("", reply_to, json=value, correlation_id=correlation_id)
+
+    def _publisher(self, conn: PukaConnection) -> PukaConnection:
+        """Where replies and retries are published: the publish pool when it reaches the same broker.
+
+        A connection that publishes can be blocked by a resource alarm, which
+        would stall this listener's deliveries too; but a publish pool set up
+        for another broker cannot reach this request's reply queue or this
+        queue's retry queue, so then the connection the message came on is used.
+        """
+        if self.options.type == "publish":
+            return conn
+        try:
+            publisher = self._connect("publish")
+        except KeyError:
+            return conn
+        return publisher if _same_broker(publisher.settings, conn.settings) else conn
 
     def _settle(self, message: Message, action: str, requeue: bool = False) -> None:
         try:

@@ -76,7 +76,7 @@ _EQUIVALENT_QUEUE_ARGS = ("x-expires", "x-message-ttl", "x-dead-letter-exchange"
                           "x-single-active-consumer", "x-queue-type", "x-delivery-limit")
 _OVERFLOW = ("drop-head", "reject-publish", "reject-publish-dlx")
 _X_MATCH = ("all", "any", "all-with-x", "any-with-x")
-_SERVER_PROPERTIES = {"product": "flask_nucleon_amqp memory broker", "platform": "Python/gevent",
+_SERVER_PROPERTIES = {"product": "flask_nucleon_amqp memory broker", "version": "1", "platform": "Python/gevent",
                       "capabilities": {"publisher_confirms": True, "exchange_exchange_bindings": True,
                                        "basic.nack": True, "consumer_cancel_notify": True,
                                        "connection.blocked": True, "direct_reply_to": True}}
@@ -490,6 +490,8 @@ class _Session:
         self.consumers: list[_Consumer] = []
         self.exclusive_queues: list[str] = []
         self.reply_token: str | None = None
+        #: What the broker said about itself when this connection opened (Pool.health reads it).
+        self.server_properties = dict(_SERVER_PROPERTIES)
 
 
 class _Consumer:
@@ -562,15 +564,18 @@ class MemoryBroker:
         self._predeclare()
         self.unblock()
 
-    def disconnect(self, reason: str = "closed by the memory broker") -> None:
-        """Close every connection as a broker restart would (320 CONNECTION_FORCED).
+    def disconnect(self, reason: str = "closed by the memory broker",
+                   connection: MemoryConnection | None = None) -> None:
+        """Close every connection (or one) as a broker restart would (320 CONNECTION_FORCED).
 
         Waiters get ConnectionLost, unacked messages are requeued, exclusive
         queues go; connections then recover by themselves and resume their
-        consumers, as PukaConnection does.
+        consumers, as PukaConnection does. ``connection`` closes only that
+        one, as ``rabbitmqctl close_connection`` does.
         """
         for session in list(self._sessions):
-            session.conn._session_lost(session, f"320 CONNECTION_FORCED - {reason}")
+            if connection is None or session.conn is connection:
+                session.conn._session_lost(session, f"320 CONNECTION_FORCED - {reason}")
 
     def block(self, reason: str = "low on memory") -> None:
         """Raise a resource alarm: publishers wait (up to ``blocked_timeout``) until :meth:`unblock`."""
@@ -858,6 +863,16 @@ class MemoryBroker:
             else:
                 queue.touch()
 
+    def resubscribe(self, consumer: _Consumer) -> None:
+        """The consumer subscribes again (qos): a new, empty prefetch window, at the end of the line."""
+        consumer.window += 1
+        consumer.unacked = 0
+        queue = self.queues.get(consumer.queue)
+        if queue is not None and consumer in queue.consumers:
+            self._detach_consumer(consumer, queue)
+            queue.consumers.append(consumer)
+            queue.drain()
+
     @staticmethod
     def _detach_consumer(consumer: _Consumer, queue: _Queue) -> None:
         index = queue.consumers.index(consumer)
@@ -1103,8 +1118,7 @@ class MemoryConnection:
 
     @property
     def server_properties(self) -> dict[str, Any]:
-        self._live_session()
-        return dict(_SERVER_PROPERTIES)
+        return self._live_session().server_properties
 
     # -- sessions -------------------------------------------------------------------------------
     def _live_session(self) -> _Session:
@@ -1124,7 +1138,7 @@ class MemoryConnection:
         for hook in list(self.on_open):
             try:
                 hook(self)
-            except AMQPError:
+            except Exception:  # noqa: BLE001 - consumers still resume; a missing queue shows as their error
                 log.exception("on_open hook %r failed on %r", hook, self)
         for consumer in list(self._consumers.values()):
             if consumer.callback is not None and not consumer.cancelled and session.alive:
@@ -1143,8 +1157,8 @@ class MemoryConnection:
         session.broker.detach(session)
         if self._session is session:
             self._session = None
-        self.blocked_reason = None
-        self._unblocked.set()
+        if self.blocked_reason is not None:  # an alarm belongs to the connection that got it
+            self._on_blocked(False, None)
         self.stats["lost"] += 1
         error = ConnectionLost(f"connection to {self.settings.safe_url()} lost: {reason}", self._node.host,
                                self._node.port)
@@ -1294,7 +1308,7 @@ class MemoryConnection:
         session = self._live_session()
         self._wait_for_room()
         started = time.monotonic()
-        self._published(context, len(data))
+        self._published(context, data, properties)
         error = self._run(session, lambda: session.broker.publish(session, exchange, routing_key, data, wire,
                                                                   mandatory))
         outcome = self._publish_outcome(error, context, started)
@@ -1309,10 +1323,10 @@ class MemoryConnection:
 
     basic_publish = publish
 
-    def _published(self, context: dict[str, str], size: int) -> None:
+    def _published(self, context: dict[str, str], body: bytes, properties: dict[str, Any]) -> None:
         """Count and signal a publish exactly as PukaConnection._published does (keep the two in step)."""
         self.stats["published"] += 1
-        _emit(signals.message_published, self, body_size=size, **context)
+        _emit(signals.message_published, self, body_size=len(body), body=body, properties=properties, **context)
 
     @staticmethod
     def _wire_properties(properties: dict[str, Any]) -> dict[str, Any]:
@@ -1389,24 +1403,28 @@ class MemoryConnection:
         if queue is not None and not consumer.broker_no_ack:
             delivery = session.broker.track(session, queue, consumer, envelope)
         message = self._message(envelope, consumer.tag, (session, delivery, consumer.broker_no_ack))
-        self.stats["delivered"] += 1
-        _emit(signals.message_received, self, message=message)
         if consumer.callback is None:  # the one-shot consumer of a synchronous consume
-            if consumer.no_ack:
-                self._settle(message, "ack", False)
-                message.settled = True
-            consumer.box.set(message)
-            # It takes one message; cancel at once rather than let a second one be delivered and requeued.
+            # It takes one message: cancelled before any ack opens its prefetch window.
             consumer.cancelled = True
             session.broker.cancel(consumer)
+            if consumer.no_ack:
+                self._settle(message, "ack", False, quiet=True)
+                message.settled = True
+            self._received(message)
+            consumer.box.set(message)
             return
+        self._received(message)
         self._dispatch(self._deliver, consumer, message)
+
+    def _received(self, message: Message) -> None:
+        self.stats["delivered"] += 1
+        _emit(signals.message_received, self, message=message)
 
     def _deliver(self, consumer: _Consumer, message: Message) -> None:
         if consumer.cancelled:
-            if not message.settled:
+            if not message.settled:  # requeue what the callback never saw
                 try:
-                    self._settle(message, "reject", True)
+                    self._settle(message, "reject", True, quiet=True)
                     message.settled = True
                 except MessageStateError:
                     pass
@@ -1417,10 +1435,10 @@ class MemoryConnection:
     def _cancelled_by_broker(self, consumer: _Consumer) -> None:
         """The queue was deleted: the broker cancelled the consumer (basic.cancel)."""
         if not consumer.cancelled:
+            log.warning("broker cancelled the consumer on queue %r (deleted?)", consumer.queue)
             consumer.cancelled = True
-            if consumer.callback is not None:
-                log.warning("broker cancelled the consumer on queue %r (deleted?)", consumer.queue)
             self._consumers.pop(consumer.promise, None)
+            _emit(signals.consumer_cancelled, self, promise=consumer.promise, queue=consumer.queue)
         if consumer in consumer.session.consumers:
             consumer.session.consumers.remove(consumer)
 
@@ -1472,14 +1490,16 @@ class MemoryConnection:
             return None
         envelope, delivery, remaining = got
         message = self._message(envelope, None, (session, delivery, no_ack), remaining)
-        self.stats["delivered"] += 1
-        _emit(signals.message_received, self, message=message)
+        self._received(message)
         return message
 
     basic_get = get
 
-    def _settle(self, message: Message, action: str, requeue: bool) -> None:
-        """Ack / reject / nack a message this connection received (Message calls it)."""
+    def _settle(self, message: Message, action: str, requeue: bool, quiet: bool = False) -> None:
+        """Ack / reject / nack a message this connection received (Message calls it).
+
+        ``quiet`` settles a message the application never saw: not counted, not signalled.
+        """
         session: _Session = message._context[0]
         delivery: _Delivery | None = message._context[1]
         if message._context[2]:
@@ -1490,6 +1510,8 @@ class MemoryConnection:
                 "(connection lost or channel error), so the broker will deliver it again")
         if delivery is not None:
             session.broker.settle(delivery, action, requeue)
+        if quiet:
+            return
         if action == "ack":
             self.stats["acked"] += 1
             _emit(signals.message_acked, self, message=message)
@@ -1538,18 +1560,21 @@ class MemoryConnection:
         """Change how many unacked messages a consumer may hold.
 
         As PukaConnection does on RabbitMQ, the consumer is subscribed again
-        with the new limit: messages it holds stay valid, and the new window
-        starts empty.
+        with the new limit (before the old subscription ends, so an
+        auto-delete queue stays): messages it holds stay valid, and the new
+        window starts empty.
         """
         _check_prefetch(prefetch_count)
         consumer = self._consumers.get(promise)
         if consumer is None:
             raise ValueError(f"no consumer with promise {promise!r} on {self!r}")
         session = self._live_session()
-        if consumer.session is session:
-            session.broker.cancel(consumer)
         consumer.prefetch_count = prefetch_count
-        self._run(session, lambda: self._start_consumer(consumer, session))
+        if consumer.session is session:
+            session.broker.resubscribe(consumer)
+            consumer.tag = f"{next(_promise_ids)}.0."
+        else:
+            self._run(session, lambda: self._start_consumer(consumer, session))
         self._round_trip()
 
     # -- topology -------------------------------------------------------------------------------

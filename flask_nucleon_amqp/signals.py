@@ -7,7 +7,7 @@ quick and never block in them.
 ====================== ===========================================================
 signal                 keyword arguments
 ====================== ===========================================================
-message_published      exchange, routing_key, body_size
+message_published      exchange, routing_key, body_size, body, properties (as sent, with headers)
 message_confirmed      exchange, routing_key, seconds (publish to confirm)
 message_returned       exchange, routing_key, error (an unroutable mandatory message)
 message_received       message

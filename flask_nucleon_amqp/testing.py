@@ -3,12 +3,12 @@
 Installing the package registers this module with pytest (``pytest11`` entry
 point), so every test of an app can ask for these fixtures:
 
-=================== ================================================================
-``amqp_names``      unique queue and exchange names, deleted after the test
-``amqp_recorder``   ``with amqp_recorder() as published: client.post(...)``
+===================== ================================================================
+``amqp_names``        unique queue and exchange names, deleted after the test
+``amqp_recorder``     ``with amqp_recorder() as published: client.post(...)``
 ``wait_for_messages`` ``wait_for_messages(queue, count=1, timeout=5.0)`` -> messages
-``amqp_memory_url`` a fresh ``memory://`` URL whose broker is emptied afterwards
-=================== ================================================================
+``amqp_memory_url``   a fresh ``memory://`` URL whose broker is emptied afterwards
+===================== ================================================================
 
 They work alongside pytest-flask: the app is its ``app`` fixture (or the app
 of the current app context). :func:`record_messages`, :func:`wait_for_messages`
@@ -32,7 +32,7 @@ from flask import Flask, current_app, has_app_context
 from gevent.event import Event
 
 from . import memory, signals
-from .exceptions import AMQPError
+from .exceptions import AMQPError, ConnectionError
 from .message import Message
 from .pool import Pool
 
@@ -94,6 +94,11 @@ class AMQPNames:
             for name in reversed(names):
                 try:
                     delete(name)
+                except ConnectionError as exc:  # the broker is gone: do not wait connect_timeout per name
+                    problems.append(f"cannot delete {self.queues + self.exchanges}: {exc}")
+                    self.queues.clear()
+                    self.exchanges.clear()
+                    return problems
                 except AMQPError as exc:
                     problems.append(f"{kind} {name!r}: {exc}")
             names.clear()
@@ -121,8 +126,9 @@ def _cleanup_through(app: Flask, names: AMQPNames) -> list[str]:
 class PublishedMessage:
     """One publish recorded by :func:`record_messages`.
 
-    ``body`` and ``properties`` (which holds ``headers``) are what the
-    ``message_published`` signal reports; ``connection`` is its sender.
+    What the ``message_published`` signal reports: the exchange, routing
+    key, body and properties (which hold ``headers``) as sent;
+    ``connection`` is its sender.
     """
 
     exchange: str

@@ -16,16 +16,19 @@ Unlike ``queue_declare``, whose AMQP defaults are transient, these values are
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import ChannelError, ConfigError
+from .exceptions import ChannelError, ConfigError, NotFound, PreconditionFailed, ResourceLocked
 
 if TYPE_CHECKING:
     from .connection import PukaConnection
 
-__all__ = ["Exchange", "Queue", "Binding", "Topology", "Declaration", "topology_from_config"]
+__all__ = ["Exchange", "Queue", "Binding", "Topology", "Declaration", "CheckResult", "CHECK_STATUSES",
+           "topology_from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +272,11 @@ class Topology:
             self._own[declaration.key] = declaration
         return self
 
+    def ensure_compatible(self, *declarations: Declaration) -> None:
+        """Raise the ValueError :meth:`add` would, without adding anything."""
+        for declaration in declarations:
+            self._check(declaration)
+
     def include(self, other: Topology) -> Topology:
         """Also yield ``other``'s declarations, after this one's (read at each use, so later additions count)."""
         self._included.append(other)
@@ -348,6 +356,41 @@ class Topology:
             deleted.append(declaration)
         return deleted
 
+    def check(self, conn: PukaConnection) -> list[CheckResult]:
+        """Compare the broker's exchanges, queues and bindings with these declarations; change nothing.
+
+        Used by ``flask amqp declare --check``. One :class:`CheckResult` per
+        declaration, in declaring order. How each kind is looked at, with the
+        AMQP API only (RabbitMQ 3.10 and later):
+
+        * **Queues**: a passive ``queue.declare`` says whether the queue exists.
+          If it does, it is declared again with our settings: that creates
+          nothing, and the broker compares durable, auto-delete and the
+          arguments it knows, refusing with PRECONDITION_FAILED and the first
+          difference ("differs").
+        * **Exchanges**: puka 0.0.8 sends no passive ``exchange.declare``, and
+          RabbitMQ accepts unbinding from a missing exchange, so existence is
+          probed by binding the exchange *as destination* to ``amq.direct``
+          with a routing key made for the probe, unbound at once: a missing
+          exchange fails with NOT_FOUND. The probe leaves the exchange as it
+          was (auto-delete only follows bindings where an exchange is the
+          source) and routes nothing (no one publishes that key). An existing
+          exchange is then declared again with our settings, compared by the
+          broker as for queues (type, durable, auto-delete, arguments).
+        * **Bindings**: AMQP can neither list nor test a binding without
+          creating it, so only their two ends are checked; a binding whose ends
+          exist is "unverifiable", not "ok".
+
+        Redeclaring counts as use for ``x-expires``. An object deleted between
+        the probe and the redeclare would be created by it; check when nobody
+        is deleting topology.
+
+        :raises ConnectionError: the broker cannot be reached (errors naming an
+            object become that object's result instead).
+        """
+        checker = _Checker(conn)
+        return [checker.check(declaration) for declaration in self]
+
     def redeclare_hook(self, conn: PukaConnection) -> None:
         """An ``on_open`` hook: declare again after a reconnect, before consumers resume.
 
@@ -359,6 +402,117 @@ class Topology:
             self.declare(conn)
         except ChannelError:
             log.exception("re-declaring the AMQP topology after (re)connecting failed")
+
+
+# -- checking -----------------------------------------------------------------------------------
+#: What :meth:`Topology.check` can find for one declaration.
+CHECK_STATUSES = ("ok", "missing", "differs", "unverifiable", "error")
+
+#: RabbitMQ's words for a difference: "inequivalent arg 'durable' for queue 'q' in vhost '/':
+#: received 'true' but current is 'false'" (received = ours, current = the broker's).
+_INEQUIVALENT = re.compile(r"inequivalent arg '(?P<arg>[^']*)' for .*?: received (?P<ours>.*) but current is "
+                           r"(?P<theirs>.*)$")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What :meth:`Topology.check` found for one declaration.
+
+    ``status`` is one of :data:`CHECK_STATUSES`: ``ok``; ``missing``;
+    ``differs`` (``detail`` says how); ``unverifiable`` (a binding whose two
+    ends exist: AMQP cannot see the binding itself); ``error`` (the broker
+    would not let us look, e.g. access refused).
+    """
+
+    declaration: Declaration
+    status: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in CHECK_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(CHECK_STATUSES)}, got {self.status!r}")
+
+    @property
+    def matches(self) -> bool:
+        """True unless the broker's object is missing, differs, or could not be looked at."""
+        return self.status in ("ok", "unverifiable")
+
+    def __str__(self) -> str:
+        text = f"{self.status.upper() if not self.matches else self.status}: {self.declaration.describe()}"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+def _difference(exc: ChannelError) -> str:
+    """The broker's PRECONDITION_FAILED text, said as "arg: declared X, the broker has Y"."""
+    text = exc.reply_text.split(" - ", 1)[-1]
+    found = _INEQUIVALENT.search(text)
+    if found is None:
+        return text
+    return f"{found['arg']}: declared {found['ours']}, the broker has {found['theirs']}"
+
+
+class _Checker:
+    """One run of :meth:`Topology.check`: remembers what exists, so bindings need no second look."""
+
+    def __init__(self, conn: PukaConnection) -> None:
+        self.conn = conn
+        self.exists: dict[tuple[str, str], bool] = {}
+
+    def exchange_exists(self, name: str) -> bool:
+        """Probe an exchange without passive declare (see :meth:`Topology.check`)."""
+        if name.startswith("amq."):
+            return True  # the broker's own; every vhost has them
+        key = ("exchange", name)
+        if key not in self.exists:
+            probe = f"flask_nucleon_amqp.check.{uuid.uuid4().hex}"
+            try:
+                self.conn.exchange_bind(name, "amq.direct", probe)
+            except NotFound:
+                self.exists[key] = False
+            else:
+                self.conn.exchange_unbind(name, "amq.direct", probe)
+                self.exists[key] = True
+        return self.exists[key]
+
+    def queue_exists(self, name: str) -> bool:
+        key = ("queue", name)
+        if key not in self.exists:
+            try:
+                self.conn.queue_declare(name, passive=True)
+            except NotFound:
+                self.exists[key] = False
+            else:
+                self.exists[key] = True
+        return self.exists[key]
+
+    def check(self, declaration: Declaration) -> CheckResult:
+        try:
+            if isinstance(declaration, Binding):
+                return self._binding(declaration)
+            kind = "exchange" if isinstance(declaration, Exchange) else "queue"
+            present = self.exchange_exists(declaration.name) if kind == "exchange" else \
+                self.queue_exists(declaration.name)
+            if not present:
+                return CheckResult(declaration, "missing", f"the broker has no {kind} of that name")
+            # It exists, so declaring it again creates nothing: the broker only compares the settings.
+            declaration.declare(self.conn)
+        except PreconditionFailed as exc:
+            return CheckResult(declaration, "differs", _difference(exc))
+        except ResourceLocked as exc:
+            return CheckResult(declaration, "differs", f"exclusive to another connection ({exc.reply_text})")
+        except ChannelError as exc:
+            return CheckResult(declaration, "error", f"cannot check it: {exc}")
+        return CheckResult(declaration, "ok")
+
+    def _binding(self, binding: Binding) -> CheckResult:
+        ends = [("exchange", binding.exchange),
+                ("queue", binding.destination) if binding.queue is not None else ("exchange", binding.destination)]
+        missing = [f"{kind} {name!r}" for kind, name in ends
+                   if not (self.exchange_exists(name) if kind == "exchange" else self.queue_exists(name))]
+        if missing:
+            return CheckResult(binding, "missing", f"{' and '.join(missing)} missing")
+        return CheckResult(binding, "unverifiable", "both ends exist; AMQP cannot see the binding itself "
+                                                    "(`rabbitmqctl list_bindings` can)")
 
 
 def _naming(exc: ChannelError, text: str) -> ChannelError:

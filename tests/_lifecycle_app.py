@@ -4,8 +4,8 @@ Configured by environment variables, so each test uses its own queues:
 LIFECYCLE_AMQP_URL, LIFECYCLE_QUEUE (consumed by a listener), LIFECYCLE_RESULTS
 (where the app reports what happened, as JSON events with its pid), and
 optionally LIFECYCLE_TOPOLOGY (JSON of AMQP_TOPOLOGY), LIFECYCLE_PREFETCH,
-LIFECYCLE_SHUTDOWN_TIMEOUT, LIFECYCLE_FAIL (on_initialise raises with that text). A message with header ``sleep`` makes its callback
-take that many seconds.
+LIFECYCLE_SHUTDOWN_TIMEOUT, LIFECYCLE_FAIL (on_initialise raises with that text). A message with
+header ``sleep`` makes its callback take that many seconds.
 """
 
 from __future__ import annotations

@@ -41,9 +41,10 @@ from flask_nucleon_amqp import (
     memory,
     signals,
 )
+from flask_nucleon_amqp.memory import MemoryConnection
 from flask_nucleon_amqp.testing import AMQPNames
 
-from conftest import BROKER_URL, make_app, wait_until
+from conftest import BROKER_URL, close_broker_connection, make_app, outcome, wait_until
 
 TRANSPORTS = ["rabbitmq", "memory"]
 
@@ -92,6 +93,14 @@ def n(api: AMQPState) -> Iterator[AMQPNames]:
     names = AMQPNames()
     yield names
     assert names.cleanup(api.connection("listen")) == []
+
+
+def _cut(conn: Any, reason: str) -> None:
+    """Have the broker close this one connection (320 CONNECTION_FORCED), as an operator would."""
+    if isinstance(conn, MemoryConnection):
+        conn.broker.disconnect(reason, connection=conn)
+    else:
+        close_broker_connection(conn, reason)
 
 
 def _bodies(conn: Any, queue: str) -> list[bytes]:
@@ -755,11 +764,22 @@ def test_deleting_a_queue_cancels_its_consumers(c: Any, other: Any, n: AMQPNames
     queue = n.queue()
     c.queue_declare(queue)
     got: list[Message] = []
+    cancelled: list[dict[str, Any]] = []
+
+    def on_cancelled(sender: Any, **kwargs: Any) -> None:
+        if sender is other:
+            cancelled.append(kwargs)
+
+    signals.consumer_cancelled.connect(on_cancelled)
     promise = other.consume(queue, callback=lambda p, m: got.append(m))
     c.publish("", queue, b"x")
     assert wait_until(lambda: got)
-    assert c.queue_delete(queue) == {"message_count": 0}  # the unacked one is not counted
-    assert wait_until(lambda: not other.has_consumer(promise))
+    try:
+        assert c.queue_delete(queue) == {"message_count": 0}  # the unacked one is not counted
+        assert wait_until(lambda: not other.has_consumer(promise))
+    finally:
+        signals.consumer_cancelled.disconnect(on_cancelled)
+    assert cancelled == [{"promise": promise, "queue": queue}]
     got[0].ack()  # acking a message of a deleted queue is harmless
     c.queue_declare(queue)
     assert c.queue_declare(queue, passive=True)["consumer_count"] == 0
@@ -1083,3 +1103,74 @@ def test_requeue_keeps_publish_order(c: Any, other: Any, n: AMQPNames) -> None:
         held[index].reject(requeue=True)
     assert wait_until(lambda: _count(c, queue) == 5)
     assert _bodies(c, queue) == [str(i).encode() for i in range(5)]  # ...they come back in publish order
+
+
+def test_one_shot_no_ack_consume_takes_exactly_one(c: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    c.queue_declare(queue)
+    for i in range(3):
+        c.publish("", queue, str(i))
+    before = dict(c.stats)
+    taken = [c.consume(queue, no_ack=True, timeout=5) for _ in range(3)]
+    assert [(m.body, m.redelivered) for m in taken if m is not None] == [(b"0", False), (b"1", False), (b"2", False)]
+    assert (c.stats["delivered"] - before["delivered"], c.stats["acked"] - before["acked"],
+            c.stats["rejected"] - before["rejected"]) == (3, 0, 0)
+
+
+def test_qos_keeps_an_auto_delete_queue(c: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    c.queue_declare(queue, auto_delete=True)
+    got: Queue = Queue()
+    promise = c.consume(queue, callback=lambda p, m: got.put(m), prefetch_count=1)
+    c.qos(promise, 2)
+    assert c.queue_declare(queue, passive=True)["consumer_count"] == 1
+    for body in (b"a", b"b", b"c"):
+        c.publish("", queue, body)
+    held = [got.get(timeout=5), got.get(timeout=5)]
+    gevent.sleep(0.1)
+    assert got.empty() and [m.body for m in held] == [b"a", b"b"]
+    for message in held:
+        message.ack()
+    got.get(timeout=5).ack()
+    c.cancel(promise)
+
+
+def test_a_refused_request_fails_its_call_at_once(c: Any, other: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    c.queue_declare(queue)
+    started = time.monotonic()
+    with pytest.raises(NotFound):
+        c.call(n.exchange("absent"), "rk", b"x", timeout=5)
+    with pytest.raises(PreconditionFailed, match="user_id"):
+        c.call("", queue, b"x", timeout=5, user_id="somebody-else")
+    assert time.monotonic() - started < 2
+    server = _echo_server(other, queue)
+    assert c.call("", queue, b"after", timeout=5).body == b"echo:after"
+    other.cancel(server)
+
+
+def test_connection_loss_and_recovery(c: Any, other: Any, n: AMQPNames) -> None:
+    queue, waiting = n.queue(), n.queue("waiting")
+    c.queue_declare(queue)
+    c.queue_declare(waiting)
+    exclusive = other.queue_declare("", exclusive=True)["queue"]
+    got: Queue = Queue()
+    resumed = other.consume(queue, callback=lambda p, m: got.put(m))
+    stranded = other.consume(exclusive, callback=lambda p, m: None)
+    c.publish("", queue, b"held")
+    held = got.get(timeout=5)
+    waiter = gevent.spawn(outcome, other.consume, waiting, timeout=30)
+    gevent.sleep(0.1)
+    _cut(other, "fidelity cut")
+    error = waiter.get(timeout=10)
+    assert isinstance(error, ConnectionLost) and "fidelity cut" in str(error)
+    with pytest.raises(MessageStateError, match="deliver it again"):
+        held.ack()
+    again = got.get(timeout=15)  # its consumer resumed by itself, and the unacked message came back
+    assert again.body == b"held" and again.redelivered
+    again.ack()
+    assert wait_until(lambda: not other.has_consumer(stranded), timeout=15)  # its queue died with the connection
+    assert other.has_consumer(resumed) and other.stats["lost"] == 1
+    with pytest.raises(NotFound):
+        c.queue_declare(exclusive, passive=True)
+    other.cancel(resumed)

@@ -296,3 +296,147 @@ def test_sigterm_during_slow_callbacks_loses_no_message(names: Names, app: Flask
         remaining.append(message.text)
         message.ack()
     assert sorted(done + remaining) == [f"m{i}" for i in range(6)]  # nothing lost, nothing twice
+
+
+# -- declare --check and --dry-run -------------------------------------------------------------------
+def _exchange_exists(state: AMQPState, exchange: str) -> bool:
+    probe = "test-probe"
+    try:
+        state.exchange_bind(exchange, "amq.direct", probe)
+    except NotFound:
+        return False
+    state.exchange_unbind(exchange, "amq.direct", probe)
+    return True
+
+
+def test_declare_check_on_a_matching_topology(capp: Flask, runner: FlaskCliRunner) -> None:
+    room, queue = capp.config["ROOM"], capp.config["QUEUE"]
+    assert runner.invoke(args=["amqp", "declare"]).exit_code == 0
+    result = runner.invoke(args=["amqp", "declare", "--check"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"ok: exchange {room!r} (topic, durable)",
+        f"ok: queue {queue!r} (durable, x-expires=600000)",
+        f"unverifiable: binding {room!r} -> queue {queue!r} (routing key '#'): both ends exist; AMQP cannot see "
+        "the binding itself (`rabbitmqctl list_bindings` can)",
+        "3 declarations match amqp://guest:***@127.0.0.1:5672/%2F",
+    ]
+
+
+def test_declare_check_on_a_missing_topology_creates_nothing(capp: Flask, runner: FlaskCliRunner) -> None:
+    room, queue = capp.config["ROOM"], capp.config["QUEUE"]
+    result = runner.invoke(args=["amqp", "declare", "--check"])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"MISSING: exchange {room!r} (topic, durable): the broker has no exchange of that name",
+        f"MISSING: queue {queue!r} (durable, x-expires=600000): the broker has no queue of that name",
+        f"MISSING: binding {room!r} -> queue {queue!r} (routing key '#'): exchange {room!r} and queue {queue!r} "
+        "missing",
+        "Error: the broker at amqp://guest:***@127.0.0.1:5672/%2F differs from the declared topology: 3 missing of "
+        "3 declarations; `flask amqp declare` creates missing ones",
+    ]
+    state: AMQPState = capp.extensions["amqp"]
+    assert not _exists(state, queue) and not _exchange_exists(state, room)
+
+
+def test_declare_check_on_a_differing_topology(capp: Flask, runner: FlaskCliRunner) -> None:
+    room, queue = capp.config["ROOM"], capp.config["QUEUE"]
+    state: AMQPState = capp.extensions["amqp"]
+    state.exchange_declare(room, "fanout", durable=True)
+    state.queue_declare(queue, durable=True, arguments={"x-expires": 300_000})
+    result = runner.invoke(args=["amqp", "declare", "--check"])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0] == f"DIFFERS: exchange {room!r} (topic, durable): type: declared 'topic', the broker has 'fanout'"
+    assert lines[1] == (f"DIFFERS: queue {queue!r} (durable, x-expires=600000): x-expires: declared '600000', "
+                        "the broker has '300000'")
+    assert lines[2].startswith(f"unverifiable: binding {room!r} -> queue {queue!r}")
+    assert lines[3] == ("Error: the broker at amqp://guest:***@127.0.0.1:5672/%2F differs from the declared "
+                        "topology: 2 with other settings of 3 declarations; one with other settings must be "
+                        "deleted (or its declaration changed) first")
+    # The broker's objects are as they were.
+    state.exchange_declare(room, "fanout", durable=True)
+    state.queue_declare(queue, durable=True, arguments={"x-expires": 300_000})
+
+
+def test_declare_check_leaves_an_auto_delete_exchange_alone(names: Names) -> None:
+    """The existence probe binds the exchange as a destination: unbinding it never auto-deletes it."""
+    exchange = names.exchange("auto")
+    app = make_app(AMQP_TOPOLOGY={"exchanges": {exchange: {"type": "fanout", "auto_delete": True}}})
+    AMQP(app)
+    state: AMQPState = app.extensions["amqp"]
+    try:
+        state.exchange_declare(exchange, "fanout", durable=True, auto_delete=True)  # no binding yet
+        for _ in range(2):
+            result = app.test_cli_runner().invoke(args=["amqp", "declare", "--check"])
+            assert result.exit_code == 0, result.output
+            assert result.output.startswith(f"ok: exchange {exchange!r} (fanout, durable, auto-delete)\n")
+        assert _exchange_exists(state, exchange)
+    finally:
+        state.close(timeout=5)
+
+
+def test_declare_check_sees_a_retry_queue_with_another_delay(names: Names) -> None:
+    queue = names.queue("work")
+    names.queues += [f"{queue}.retry", f"{queue}.dead"]
+
+    def app_with_delay(delay: float) -> Flask:
+        amqp = AMQP()
+        amqp.listener(queue, retry=dict(max_attempts=3, delay=delay))(lambda c, p, m: None)
+        app = make_app(AMQP_TOPOLOGY={"queues": {queue: {}}})
+        amqp.init_app(app)
+        return app
+
+    before, after = app_with_delay(0.2), app_with_delay(0.3)
+    try:
+        assert before.test_cli_runner().invoke(args=["amqp", "declare"]).exit_code == 0
+        assert before.test_cli_runner().invoke(args=["amqp", "declare", "--check"]).exit_code == 0
+        result = after.test_cli_runner().invoke(args=["amqp", "declare", "--check"])
+        assert result.exit_code == 1
+        assert (f"DIFFERS: queue '{queue}.retry' (durable, x-dead-letter-exchange='', x-dead-letter-routing-key="
+                f"'{queue}', x-message-ttl=300): x-message-ttl: declared '300', the broker has '200'") in result.output
+        assert f"ok: queue '{queue}.dead' (durable)" in result.output
+        assert "1 with other settings of 3 declarations" in result.output
+    finally:
+        before.extensions["amqp"].close(timeout=5)
+        after.extensions["amqp"].close(timeout=5)
+
+
+def test_declare_dry_run_connects_to_nothing(names: Names) -> None:
+    queue = names.queue("work")
+    names.queues += [f"{queue}.retry", f"{queue}.dead"]
+    amqp = AMQP()
+    amqp.listener(queue, retry=dict(max_attempts=3, delay=0.25))(lambda c, p, m: None)
+    app = make_app(AMQP_URL="amqp://guest:s3cret-pw@127.0.0.1:1/%2F", AMQP_TOPOLOGY={"queues": {queue: {}}})
+    amqp.init_app(app)
+    try:
+        result = app.test_cli_runner().invoke(args=["amqp", "declare", "--dry-run"])
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines() == [
+            f"would declare queue {queue!r} (durable)",
+            f"would declare queue '{queue}.retry' (durable, x-dead-letter-exchange='', "
+            f"x-dead-letter-routing-key='{queue}', x-message-ttl=250)",
+            f"would declare queue '{queue}.dead' (durable)",
+            "3 declarations for amqp://guest:***@127.0.0.1:1/%2F (dry run: nothing declared, no connection opened, "
+            "no on_initialise handler run)",
+        ]
+        assert all(pool.connections() == [] for pool in app.extensions["amqp"].pools.values())
+    finally:
+        app.extensions["amqp"].close(timeout=5)
+    # The same app against the real broker: declare creates what the dry run listed.
+    app = make_app(AMQP_TOPOLOGY={"queues": {queue: {}}})
+    amqp = AMQP()
+    amqp.listener(queue, retry=dict(max_attempts=3, delay=0.25))(lambda c, p, m: None)
+    amqp.init_app(app)
+    try:
+        result = app.test_cli_runner().invoke(args=["amqp", "declare"])
+        assert result.exit_code == 0, result.output
+        assert f"declared queue '{queue}.retry' (durable, x-dead-letter-exchange=''" in result.output
+        assert all(_exists(app.extensions["amqp"], name) for name in (queue, f"{queue}.retry", f"{queue}.dead"))
+    finally:
+        app.extensions["amqp"].close(timeout=5)
+
+
+def test_declare_check_and_dry_run_exclude_each_other(runner: FlaskCliRunner) -> None:
+    result = runner.invoke(args=["amqp", "declare", "--check", "--dry-run"])
+    assert result.exit_code == 2 and "give --check or --dry-run, not both" in result.output

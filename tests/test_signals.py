@@ -48,7 +48,7 @@ def test_publish_confirm_return_receive_ack_reject(conn: PukaConnection, names: 
                      "message_received", "message_rejected", "message_received", "message_acked"]
     assert all(sender is conn for _, sender, _ in received)
     published = received[0][2]
-    assert published == {"exchange": "", "routing_key": queue, "body_size": 5}
+    assert published == {"exchange": "", "routing_key": queue, "body_size": 5, "body": b"12345", "properties": {}}
     assert received[1][2]["seconds"] > 0
     assert isinstance(received[3][2]["error"], Unroutable)
     assert received[5][2]["requeue"] is True and received[5][2]["message"] is first

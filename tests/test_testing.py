@@ -223,6 +223,9 @@ def test_record_messages_and_wait_for_messages(state: AMQPState) -> None:
             state.publish("", queue, json={"a": 1})
         assert [(m.exchange, m.routing_key, m.body_size) for m in everything] == [
             ("", queue, 5), ("", queue, 7)]
+        assert everything[0].body == b"12345" and everything[0].headers == {"h": 1}
+        assert everything[0].properties["content_type"] == "text/plain"
+        assert everything[1].json() == {"a": 1} and everything[1].properties["content_type"] == "application/json"
         assert all(m.connection is state.connection() or m.connection in state.get_amqp_pool().connections()
                    for m in everything)
         first, second = wait_for_messages(queue, 2, connection=state.connection("listen"), ack=False)
