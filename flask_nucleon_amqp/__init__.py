@@ -28,7 +28,8 @@ from .lifecycle import InitialisationError, on_initialise
 from .listener import Listener
 from .message import Message
 from .pool import Pool
-from .topology import Binding, Exchange, Queue, Topology
+from .retry import RetryPolicy
+from .topology import Binding, CheckResult, Exchange, Queue, Topology
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,8 @@ __all__ = [
     "AMQPState",
     "Pool",
     "PoolSettings",
+    "RetryPolicy",
+    "CheckResult",
     "PukaConnection",
     "Message",
     "on_initialise",

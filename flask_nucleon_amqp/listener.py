@@ -172,8 +172,8 @@ class Listener:
         self._stopping = Event()
         self._supervisor: gevent.Greenlet | None = None
         self._pid = os.getpid()
-        #: The retry and dead-letter queues (empty without ``retry``), in the app's topology too, so that
-        #: they are re-declared after reconnects and seen by ``flask amqp declare``/``status``/``teardown``.
+        #: The retry and dead-letter queues (empty without ``retry``). Once started, they join the app's
+        #: topology: re-declared after reconnects, seen by ``flask amqp declare``/``status``/``teardown``.
         self.retry_declarations: tuple[Declaration, ...] = ()
         self._retry_topology = Topology()
         if options.retry is not None:
