@@ -18,6 +18,7 @@ import decimal
 import logging
 import socket
 import ssl
+import time
 from collections import deque
 from itertools import islice
 from struct import pack, unpack_from
@@ -298,11 +299,15 @@ def _settle_publishes(pt: Any, result: Any, failure: BaseException | None) -> No
     """
     tag = result["delivery_tag"] + pt.x_delivery_tag_shift
     inflight = pt.x_async_inflight
+    settled = 0
     if result["multiple"]:
         while inflight and next(iter(inflight)) <= tag:
             _resolve(inflight.popitem(last=False)[1], failure)
+            settled += 1
     elif tag in inflight:
         _resolve(inflight.pop(tag), failure)
+        settled = 1
+    pt.conn.note_confirms(settled, failure is None)
 
 
 def _resolve(pending: Any, failure: BaseException | None) -> None:
@@ -490,6 +495,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         self.x_on_blocked: Any = None
         #: Called with the exception when a read or write error shut the client down.
         self.x_on_fail: Any = None
+        #: Called when the broker has nacked every publish for a while (see note_confirms).
+        self.x_on_nack_streak: Any = None
 
     def __repr__(self) -> str:
         return f"<FixedClient {self.username}@{self.host}:{self.port}>"
@@ -541,6 +548,28 @@ class FixedClient(puka.Client):  # type: ignore[misc]
 
     def on_read_handshake(self) -> None:
         self._tls_handshake()
+
+    x_nack_streak_since: float | None = None
+    x_nack_streak = 0
+
+    def note_confirms(self, count: int, acked: bool) -> None:
+        """Watch for a channel the broker nacks everything on.
+
+        RabbitMQ 3.10 can leave a channel that first published to a quorum
+        queue during a leader election with stale state: every later publish
+        on it is nacked, while a new connection works. After 2 s and 20
+        nacks without a single ack, ``x_on_nack_streak`` is told.
+        """
+        if acked:
+            self.x_nack_streak_since, self.x_nack_streak = None, 0
+            return
+        now = time.monotonic()
+        if self.x_nack_streak_since is None:
+            self.x_nack_streak_since = now
+        self.x_nack_streak += count
+        if now - self.x_nack_streak_since > 2.0 and self.x_nack_streak >= 20 and self.x_on_nack_streak:
+            self.x_nack_streak_since, self.x_nack_streak = None, 0
+            self.x_on_nack_streak()
 
     # D2: a peer that is not an AMQP broker would leave puka waiting for a
     # "frame" of gigabytes; check the first frame header instead.

@@ -80,6 +80,7 @@ class _Session:
             server_hostname=node.host, client_properties=_CLIENT_PROPERTIES)
         self.client.x_on_blocked = owner._on_blocked
         self.client.x_on_fail = self._client_failed
+        self.client.x_on_nack_streak = self._nacked_throughout
         self.opened = False
         self.alive = True
         self.ready = AsyncResult()
@@ -204,6 +205,21 @@ class _Session:
                 f"cannot connect to {self.owner.settings.safe_url(self.node)}: {self.death_reason or 'closed'}",
                 self.node.host, self.node.port))
         self.owner._session_died(self)
+
+    def _nacked_throughout(self) -> None:
+        """Every publish nacked for 2 s: start a new session (at most once every 30 s per connection).
+
+        Seen on RabbitMQ 3.10 after a quorum queue's leader changed: the channel keeps stale state
+        and only a new one publishes again. A queue refusing publishes (x-overflow) nacks only what
+        goes to it, so other publishes' acks keep this from firing; a connection that publishes
+        only to such a queue reconnects at most every 30 s.
+        """
+        now = time.monotonic()
+        if now - self.owner._last_nack_reopen < 30.0:
+            return
+        self.owner._last_nack_reopen = now
+        log.warning("the broker nacked every publish on %r for 2 s: opening a new connection", self)
+        self.hub.loop.run_callback(self.kill, "every publish nacked for 2 s (stale channel state)")
 
     def _client_failed(self, exc: BaseException) -> None:
         """A read or write error shut the client down, wherever it happened: end the session."""
@@ -364,6 +380,7 @@ class PukaConnection:
         self._unblocked = Event()
         self._unblocked.set()
         self._node_offset = index
+        self._last_nack_reopen = float("-inf")
         #: Called with this connection after every (re)open, before consumers resume.
         self.on_open: list[Callable[[PukaConnection], Any]] = []
         self.pending = 0

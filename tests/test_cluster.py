@@ -15,9 +15,10 @@ import uuid
 from typing import TYPE_CHECKING
 
 import pytest
-from _workload import make_state, run_fault
 
 from flask_nucleon_amqp.topology import Queue
+
+from _workload import make_state, run_fault
 
 if TYPE_CHECKING:
     from _brokers import Cluster, SecretWatch

@@ -211,3 +211,28 @@ def test_table_encoding_errors_name_the_key() -> None:  # D3, D24
     with pytest.raises(ValueError, match="255"):
         _puka.encode_table({"k" * 300: 1}, "headers")
     assert _puka.encode_table({"é": "é"}) == b"\x00\x00\x00\x0a\x02\xc3\xa9S\x00\x00\x00\x02\xc3\xa9"
+
+
+def test_a_channel_nacking_everything_is_replaced_at_most_every_30s(conn: PukaConnection, names: Names) -> None:
+    """RabbitMQ can leave a channel that nacks every publish (stale state after a quorum leader change):
+    after 2 s of nothing but nacks the connection starts a new session, and not again within 30 s."""
+    full = names.queue("full")
+    conn.queue_declare(full, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    first = conn._session
+    started = time.monotonic()
+    while conn._session is first and time.monotonic() - started < 10:
+        try:
+            conn.publish("", full, b"refused", timeout=5)
+        except PublishNacked:
+            gevent.sleep(0.05)
+        except ConnectionError:
+            pass  # the publish in flight when the session was replaced
+    assert conn._session is not first
+    assert 2.0 < time.monotonic() - started < 5
+    assert wait_until(lambda: conn.is_open)
+    second = conn._session
+    for _ in range(60):  # another 3 s of nothing but nacks: rate-limited, same session
+        with pytest.raises(PublishNacked):
+            conn.publish("", full, b"refused", timeout=5)
+        gevent.sleep(0.05)
+    assert conn._session is second and second.usable

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import greenlet
 import pytest
-from _workload import Workload, cleanup, make_state, queue_name, record_figures, run_fault
 
 from flask_nucleon_amqp import (
     AuthenticationError,
@@ -32,6 +31,7 @@ from flask_nucleon_amqp import (
 )
 
 from _proxy import Proxy
+from _workload import Workload, cleanup, make_state, queue_name, record_figures, run_fault
 from conftest import outcome, wait_until
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ def proxy(node_up: RabbitNode) -> Iterator[Proxy]:
 
 
 def test_stop_app_start_app_loses_no_confirmed_message(node_up: RabbitNode, secret_watch: SecretWatch) -> None:
+    """100 publishers and a consumer through a broker that stops for 2 s: nothing confirmed is lost."""
     state = make_state(node_up.url())
     queue = queue_name("stop-app")
 
@@ -70,6 +71,7 @@ def test_stop_app_start_app_loses_no_confirmed_message(node_up: RabbitNode, secr
 
 
 def test_kill_9_and_restart_loses_no_confirmed_message(node_up: RabbitNode, secret_watch: SecretWatch) -> None:
+    """The broker VM is killed (SIGKILL) and started again on its data: a durable queue keeps every confirm."""
     state = make_state(node_up.url())
     queue = queue_name("kill9")
 
@@ -90,6 +92,7 @@ def test_kill_9_and_restart_loses_no_confirmed_message(node_up: RabbitNode, secr
 
 def test_proxy_rst_cut_loses_no_confirmed_message(node_up: RabbitNode, proxy: Proxy,
                                                   secret_watch: SecretWatch) -> None:
+    """Every connection is reset (RST) at once by the proxy between client and broker."""
     state = make_state(node_up.url(port=proxy.port))
     queue = queue_name("cut")
 
@@ -105,6 +108,7 @@ def test_proxy_rst_cut_loses_no_confirmed_message(node_up: RabbitNode, proxy: Pr
 
 
 def test_close_all_connections_loses_no_confirmed_message(node_up: RabbitNode, secret_watch: SecretWatch) -> None:
+    """An operator closes every connection (320 CONNECTION_FORCED); the broker itself stays up."""
     state = make_state(node_up.url())
     queue = queue_name("close-all")
 
@@ -206,6 +210,7 @@ def test_black_hole_fails_pending_operations_within_three_heartbeats(node_up: Ra
 
 def test_memory_alarm_blocks_publishers_for_blocked_timeout_then_lets_them_through(
         node_up: RabbitNode, secret_watch: SecretWatch) -> None:
+    """A memory alarm: conn.blocked is True, publishes fail after blocked_timeout, and work once it is lifted."""
     blocked_timeout = 2.0
     state = make_state(node_up.url(), publish_size=2, blocked_timeout=blocked_timeout, operation_timeout=20)
     queue = queue_name("alarm")
@@ -270,6 +275,7 @@ def test_memory_alarm_blocks_publishers_for_blocked_timeout_then_lets_them_throu
 
 def test_wrong_password_fails_at_once_and_is_not_retried(node_up: RabbitNode, proxy: Proxy,
                                                         secret_watch: SecretWatch) -> None:
+    """403 at login: AuthenticationError at once, one connection attempt per call, none in the background."""
     wrong = f"Wrong-{uuid.uuid4().hex[:8]}-Password"
     secret_watch.add_secret(wrong)
     state = make_state(node_up.url(port=proxy.port, password=wrong))
@@ -293,6 +299,7 @@ def test_wrong_password_fails_at_once_and_is_not_retried(node_up: RabbitNode, pr
 
 def test_refused_vhost_fails_at_once_and_is_not_retried(node_up: RabbitNode, proxy: Proxy,
                                                        secret_watch: SecretWatch) -> None:
+    """530 for a vhost the user may not open: VhostNotAllowed at once, and no retry loop."""
     vhost = f"forbidden-{uuid.uuid4().hex[:6]}"
     node_up.ctl("add_vhost", vhost)  # exists, but the user has no permission on it
     state = make_state(node_up.url(port=proxy.port, vhost=vhost))
@@ -355,6 +362,7 @@ def _open_fds() -> int:
 
 def test_hundred_cut_reconnect_cycles_leak_no_fd_or_greenlet(node_up: RabbitNode, proxy: Proxy,
                                                             secret_watch: SecretWatch) -> None:
+    """Cut, reconnect (consumer included), 100 times: open fds and live greenlets stay flat."""
     state = make_state(node_up.url(port=proxy.port), publish_size=2)
     queue = queue_name("cycles")
     pool = state.get_amqp_pool("publish")

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 import pytest
-from _workload import cleanup, make_state, queue_name
 
 from flask_nucleon_amqp import AMQPState, AuthenticationError, ConnectionError
 
 from _proxy import Proxy
+from _workload import cleanup, make_state, queue_name
 
 if TYPE_CHECKING:
     from _brokers import RabbitNode, SecretWatch
