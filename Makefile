@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.lint-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv broker run test bench lint clean
+.PHONY: help venv broker run test bench lint docs dist clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,9 +33,19 @@ bench: venv broker  ## run the benchmarks (ratios to raw puka, pika, kombu; then
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/http_bench.py $(HTTP_BENCH_ARGS)
 
-lint: venv  ## ruff
-	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check flask_nucleon_amqp tests
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)  ## ruff, and mypy --strict on the package (settings in pyproject.toml)
+	$(VENV)/bin/ruff check flask_nucleon_amqp tests example_app bench
+	$(VENV)/bin/mypy
+
+docs: venv  ## build the Sphinx site into docs/_build/html, warnings as errors
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+dist: venv  ## build the sdist and the wheel into dist/
+	$(PY) -m build
 
 clean:  ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist docs/_build *.egg-info

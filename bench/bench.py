@@ -113,7 +113,7 @@ def body_id(body):
     return int(body[:ID_LEN])
 
 
-class Tally(object):
+class Tally:
     """Counts how often each message id was seen."""
 
     def __init__(self, total):
@@ -217,7 +217,7 @@ def puka_close(client):
             client.sd = None
 
 
-class Admin(object):
+class Admin:
     """Declares, pre-fills, inspects and deletes the benchmark queues."""
 
     def __init__(self, url):
@@ -686,7 +686,7 @@ def c_kombu(ctx, q, n, rec):
         while tally.n < n:
             try:
                 conn.drain_events(timeout=1)
-            except socket.timeout:
+            except TimeoutError:
                 pass
         consumer.cancel()
         elapsed = now() - t0
@@ -838,7 +838,7 @@ def d_kombu(ctx, q, bodies, w, rec):
             while state["t1"] is None:
                 try:
                     conn.drain_events(timeout=1)
-                except socket.timeout:
+                except TimeoutError:
                     pass
             if i >= w:
                 lat.append(state["t1"] - t0)
@@ -904,7 +904,7 @@ HOW_D = {
 # ---- worker side ---------------------------------------------------------
 
 
-class WorkerCtx(object):
+class WorkerCtx:
     def __init__(self, url, ext_path, timeout):
         self.url = url
         self.ext_path = ext_path
@@ -1006,7 +1006,7 @@ def check_ext_main(path):
 # ---- parent side ---------------------------------------------------------
 
 
-class Ctx(object):
+class Ctx:
     def __init__(self, args):
         self.url = args.url
         self.ext_path = args.ext_path
@@ -1037,7 +1037,7 @@ class Ctx(object):
 def check_ext(path):
     cmd = [sys.executable, os.path.abspath(__file__), "--check-ext", path]
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        proc = subprocess.run(cmd, capture_output=True, timeout=60)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": "importing the extension took more than 60 s"}
     for line in reversed(proc.stdout.decode(errors="replace").splitlines()):
@@ -1054,8 +1054,7 @@ def spawn_worker(ctx, scen, impl, q, n, w, size):
     if (scen, impl) in PATCHED or (impl == "ext" and ctx.patch_ext):
         cmd.append("--patched")
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=ctx.timeout + 60)
+        proc = subprocess.run(cmd, capture_output=True, timeout=ctx.timeout + 60)
     except subprocess.TimeoutExpired as e:
         err = (e.stderr or b"").decode(errors="replace")
         return {"error": "worker killed after %.0f s" % (ctx.timeout + 60),
@@ -1266,7 +1265,8 @@ def lib_versions():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 10-20x fewer messages (numbers not meaningful)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 round, 10-20x fewer messages (numbers not meaningful)")
     p.add_argument("--rounds", type=int, default=None, help="rounds per scenario (default 3; 1 with --quick)")
     p.add_argument("--only", default="", help="comma list of scenarios (A-E) and/or implementations "
                    "(ext,puka,pika,kombu), e.g. --only A,B or --only C,ext,puka")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
-from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
@@ -28,13 +27,18 @@ from flask_nucleon_amqp import (
     Timeout,
     Unroutable,
 )
+from flask_nucleon_amqp import testing as amqp_testing
 from flask_nucleon_amqp.testing import AMQPNames
 
 from conftest import BROKER_URL, make_app, wait_until
 
-# A pip-installed package registers its pytest plugin itself; a source checkout needs this.
-if not any(ep.value == "flask_nucleon_amqp.testing" for ep in entry_points(group="pytest11")):
-    pytest_plugins = ["flask_nucleon_amqp.testing"]
+# The plugin's fixtures, as a user's suite gets them once the package is installed (its pytest11
+# entry point). Bound here rather than with `pytest_plugins`, which fails in a source checkout
+# where another test module has already imported flask_nucleon_amqp.testing (assertion rewriting).
+amqp_names = amqp_testing.amqp_names
+amqp_recorder = amqp_testing.amqp_recorder
+amqp_memory_url = amqp_testing.amqp_memory_url
+wait_for_messages = amqp_testing._wait_for_messages_fixture
 
 log = logging.getLogger("docs_samples")
 
@@ -387,7 +391,7 @@ def test_posting_an_order_publishes_it(client: FlaskClient, amqp_recorder: Any) 
     with amqp_recorder() as published:
         response = client.post("/orders", json={"id": 1})
     assert response.status_code == 201
-    assert [message.routing_key for message in published] == ["order.created"]
+    assert [(message.routing_key, message.json()) for message in published] == [("order.created", {"id": 1})]
 
 
 def test_the_order_reaches_its_queue(app: Flask, client: FlaskClient, amqp_names: AMQPNames,
