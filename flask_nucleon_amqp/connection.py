@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import itertools
 import logging
 import random
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -36,6 +34,17 @@ from gevent.hub import Waiter
 from puka import spec as puka_spec
 
 from . import _puka, signals
+from ._base import (
+    _EXCHANGE_TYPES,
+    _REPLY_TO,
+    BaseConnection,
+    _arguments,
+    _BaseConsumer,
+    _check_prefetch,
+    _emit,
+    _promise_ids,
+    _properties,
+)
 from .config import Node, PoolSettings
 from .exceptions import (
     AMQPError,
@@ -51,17 +60,14 @@ from .exceptions import (
 )
 from .message import _NOTHING, Message, encode_body
 
-__all__ = ["PukaConnection", "Callback"]
+__all__ = ["PukaConnection", "BaseConnection", "Callback"]
 
 log = logging.getLogger(__name__)
 
 #: callback(promise, result): result is the operation's result, or the exception it failed with.
 Callback = Callable[[int, Any], Any]
 
-_EXCHANGE_TYPES = frozenset({"direct", "fanout", "topic", "headers"})
 _READ, _WRITE = 1, 2
-#: Promise ids are unique in the process, so a promise names its connection too.
-_promise_ids = itertools.count(1)
 _CLIENT_PROPERTIES = {"product": "flask_nucleon_amqp", "platform": "Python/gevent"}
 
 
@@ -317,40 +323,22 @@ class _Session:
             self.schedule_flush()
 
 
-class _Consumer:
+class _Consumer(_BaseConsumer):
     """A registered consumer; survives reconnects (it is started again on each new session)."""
 
     def __init__(self, promise: int, queue: str, callback: Callable[[int, Message], Any] | None,
                  prefetch_count: int, no_ack: bool, exclusive: bool, arguments: dict[str, Any]) -> None:
-        self.promise = promise
-        self.queue = queue
-        self.callback = callback
-        self.prefetch_count = prefetch_count
-        self.no_ack = no_ack
-        self.exclusive = exclusive
-        self.arguments = arguments
+        super().__init__(promise, queue, callback, prefetch_count, no_ack, exclusive, arguments)
         self.session: _Session | None = None
         self.puka_number: int | None = None
         self.started: AsyncResult = AsyncResult()
-        self.cancelled = False
-        #: Where the one-shot consumer of a synchronous consume puts its message.
-        self.box: AsyncResult = AsyncResult()
-
-
-def _emit(signal: Any, sender: Any, **kwargs: Any) -> None:
-    """Send a blinker signal if anyone listens; a failing receiver never breaks the connection."""
-    if signal.receivers:
-        try:
-            signal.send(sender, **kwargs)
-        except Exception:  # noqa: BLE001
-            log.exception("a receiver of %s raised", signal.name)
 
 
 def _settable(result_box: AsyncResult) -> Callable[[int, Any], None]:
     return lambda _number, result: result_box.set(result)
 
 
-class PukaConnection:
+class PukaConnection(BaseConnection[_Consumer]):
     """A connection shared by every greenlet of the process.
 
     Every method is synchronous (blocks only the calling greenlet until the
@@ -362,54 +350,20 @@ class PukaConnection:
     ``timeout`` defaults to the pool's ``operation_timeout``.
     """
 
+    _log = log
+
     def __init__(self, settings: PoolSettings, index: int = 0) -> None:
-        self.settings = settings
-        self.index = index
+        super().__init__(settings, index)
         self._session: _Session | None = None
         self._opening: AsyncResult | None = None
-        self._closed = False
-        self._consumers: dict[int, _Consumer] = {}
-        self._dispatch_queue: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._dispatch_wake = Event()
-        self._dispatcher: gevent.Greenlet | None = None
-        self._callback_running = False
-        #: Set whenever nothing is pending and no callback waits or runs: close() waits on it.
-        self._idle = Event()
-        self._idle.set()
-        self._recovery: gevent.Greenlet | None = None
-        self._unblocked = Event()
-        self._unblocked.set()
         self._node_offset = index
         self._last_nack_reopen = float("-inf")
         #: Called with this connection after every (re)open, before consumers resume.
         self.on_open: list[Callable[[PukaConnection], Any]] = []
-        self.pending = 0
-        self.blocked_reason: str | None = None
-        self._replies: dict[str, AsyncResult] = {}
-        self._reply_consumer: _Consumer | None = None
-        self._blocked_since = 0.0
-        self.stats: dict[str, Any] = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0,
-                                      "failed": 0, "delivered": 0, "acked": 0, "rejected": 0,
-                                      "blocked_seconds": 0.0}
-
-    def __repr__(self) -> str:
-        state = "open" if self.is_open else "closed" if self._closed else "idle"
-        return f"<PukaConnection {self.settings.name}#{self.index} {self.settings.safe_url()} {state}>"
-
-    def __enter__(self) -> PukaConnection:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        """Connections are shared: leaving a ``with`` block does not close it."""
 
     @property
     def is_open(self) -> bool:
         return self._session is not None and self._session.usable
-
-    @property
-    def blocked(self) -> bool:
-        """True while the broker blocks publishers (memory or disk alarm)."""
-        return self.blocked_reason is not None
 
     @property
     def server_properties(self) -> dict[str, Any]:
@@ -553,18 +507,10 @@ class PukaConnection:
 
     def _on_blocked(self, blocked: bool, reason: Any) -> None:
         if blocked:
-            self.blocked_reason = str(reason or "blocked")
-            self._unblocked.clear()
-            self._blocked_since = time.monotonic()
-            log.warning("broker blocked publishing on %r: %s", self, self.blocked_reason)
-            _emit(signals.connection_blocked, self, reason=self.blocked_reason)
+            self._set_blocked(reason)
             gevent.spawn_later(self.settings.blocked_timeout, self._fail_blocked_publishes, self._blocked_since)
         else:
-            self.blocked_reason = None
-            self.stats["blocked_seconds"] += time.monotonic() - self._blocked_since
-            self._unblocked.set()
-            log.info("broker unblocked publishing on %r", self)
-            _emit(signals.connection_unblocked, self)
+            self._set_unblocked()
 
     def _fail_blocked_publishes(self, since: float) -> None:
         """A publish sent just before an alarm fails after blocked_timeout too, not operation_timeout."""
@@ -695,9 +641,9 @@ class PukaConnection:
             properties["headers"] = headers
         if persistent:
             delivery_mode = 2
-        if (content_type or content_encoding or delivery_mode or priority is not None or correlation_id
-                or reply_to or expiration is not None or message_id or timestamp is not None or type
-                or app_id or user_id):
+        if not (content_type is None and content_encoding is None and delivery_mode is None and priority is None
+                and correlation_id is None and reply_to is None and expiration is None and message_id is None
+                and timestamp is None and type is None and app_id is None and user_id is None):
             properties.update(_properties(
                 content_type=content_type, content_encoding=content_encoding, delivery_mode=delivery_mode,
                 priority=priority, correlation_id=correlation_id, reply_to=reply_to, expiration=expiration,
@@ -766,10 +712,6 @@ class PukaConnection:
         if isinstance(outcome, BaseException):
             raise outcome
 
-    def _published(self, context: dict[str, str], body: bytes, properties: dict[str, Any]) -> None:
-        self.stats["published"] += 1
-        _emit(signals.message_published, self, body_size=len(body), body=body, properties=properties, **context)
-
     def _publish_outcome(self, result: Any, session: _Session, context: dict[str, str], started: float) -> Any:
         """Count and signal one publish's outcome: ``{}`` when confirmed, else the exception."""
         if result is None:  # timed out
@@ -790,10 +732,7 @@ class PukaConnection:
     def _wait_for_room(self, session: _Session) -> None:
         """Backpressure: wait while the broker blocks us or our write buffer is full."""
         if self.blocked_reason is not None:
-            limit = self.settings.blocked_timeout
-            if not self._unblocked.wait(limit):
-                raise ConnectionBlocked(f"broker blocked publishing ({self.blocked_reason}) for more than "
-                                        f"{limit:g}s (blocked_timeout)")
+            self._wait_unblocked()
         if not session.drained.is_set():
             limit = self.settings.operation_timeout
             if not session.drained.wait(limit):
@@ -913,28 +852,12 @@ class PukaConnection:
         self._received(message)
         self._dispatch(self._deliver, consumer, message)
 
-    def _received(self, message: Message) -> None:
-        self.stats["delivered"] += 1
-        _emit(signals.message_received, self, message=message)
-
     def _cancel_one_shot(self, consumer: _Consumer, session: _Session) -> None:
         if not consumer.cancelled:
             consumer.cancelled = True
             if session.usable and consumer.puka_number in session.client.promises._promises:
                 session.client.basic_cancel(consumer.puka_number, callback=lambda _n, _r: None)
                 session.schedule_flush()
-
-    def _deliver(self, consumer: _Consumer, message: Message) -> None:
-        if consumer.cancelled:
-            if not message.settled:  # requeue what the callback never saw
-                try:
-                    self._settle(message, "reject", True, quiet=True)
-                    message.settled = True
-                except MessageStateError:
-                    pass
-            return
-        assert consumer.callback is not None
-        consumer.callback(consumer.promise, message)
 
     def _consume_one(self, queue: str, no_ack: bool, exclusive: bool, arguments: dict[str, Any],
                      timeout: float | None) -> Message | None:
@@ -982,20 +905,15 @@ class PukaConnection:
 
     basic_get = get
 
-    def _settle(self, message: Message, action: str, requeue: bool, quiet: bool = False) -> None:
-        """Send ack / reject / nack for a message, on the channel it arrived on.
-
-        ``quiet`` settles a message the application never saw: not counted, not signalled.
-        """
+    def _send_settle(self, message: Message, action: str, requeue: bool) -> None:
+        """Send ack / reject / nack for a message, on the channel it arrived on."""
         session, channel, number, no_ack = message._context
         if no_ack:
             raise MessageStateError("this message was consumed with no_ack=True; there is nothing to settle")
         client = session.client
         if (not session.usable or channel is None or client.channels.channels.get(channel.number) is not channel
                 or not channel.alive):
-            raise MessageStateError(
-                f"cannot {action} message {message.delivery_tag}: the channel it arrived on has closed "
-                "(connection lost or channel error), so the broker will deliver it again")
+            raise self._settle_refused(message, action)
         tag = message.delivery_tag
         if action == "ack":
             frames = puka_spec.encode_basic_ack(tag, False)
@@ -1008,30 +926,6 @@ class PukaConnection:
         if puka_promise is not None and puka_promise.refcnt > 0:
             puka_promise.refcnt_dec()  # lets puka release a get's channel
         session.schedule_flush()
-        if quiet:
-            return
-        if action == "ack":
-            self.stats["acked"] += 1
-            _emit(signals.message_acked, self, message=message)
-        else:
-            self.stats["rejected"] += 1
-            _emit(signals.message_rejected, self, message=message, requeue=requeue)
-
-    def ack(self, message: Message) -> None:
-        """Acknowledge a message: processed, never to be delivered again."""
-        message.ack()
-
-    basic_ack = ack
-
-    def reject(self, message: Message, requeue: bool = True) -> None:
-        """Reject a message: requeue it, or drop / dead-letter it with ``requeue=False``."""
-        message.reject(requeue)
-
-    basic_reject = reject
-
-    def nack(self, message: Message, requeue: bool = True) -> None:
-        """Negatively acknowledge a message (basic.nack)."""
-        message.nack(requeue)
 
     def cancel(self, promise: int, timeout: float | None = None) -> None:
         """Stop a consumer started with ``consume(queue, callback)``.
@@ -1057,10 +951,6 @@ class PukaConnection:
         self._wait(box, session, "cancel", timeout)
 
     basic_cancel = cancel
-
-    def has_consumer(self, promise: int) -> bool:
-        """True if ``promise`` is a consumer of this connection."""
-        return promise in self._consumers
 
     def qos(self, promise: int, prefetch_count: int, timeout: float | None = None) -> None:
         """Change how many unacked messages a consumer may hold.
@@ -1155,52 +1045,23 @@ class PukaConnection:
                           callback, timeout, arguments=_arguments(arguments))
 
     # -- request / reply --------------------------------------------------------------------------
-    def call(self, exchange: str, routing_key: str, body: bytes | str | None = None, *,
-             json: Any = _NOTHING, headers: dict[str, Any] | None = None, timeout: float | None = None,
-             **properties: Any) -> Message:
-        """Publish a request and wait for its reply, using RabbitMQ's direct reply-to.
-
-        The reply is the first message published to the request's ``reply_to``
-        with its ``correlation_id``. A reply that arrives after ``timeout`` is
-        dropped.
-
-        :raises Timeout: no reply within ``timeout``.
-        :raises Unroutable: no queue took the request.
-        """
-        limit = self.settings.operation_timeout if timeout is None else timeout
-        reply_channel = self._reply_channel(limit)
-        correlation_id = f"rpc-{next(_promise_ids)}"
-        box: AsyncResult = AsyncResult()
-        self._replies[correlation_id] = box
-        try:
-            props = _properties(**{**properties, "correlation_id": correlation_id,
-                                   "reply_to": "amq.rabbitmq.reply-to"})
-            data = encode_body(body, json, props)
-            if headers:
-                props["headers"] = headers
-            session = self._live_session()
-            # Direct reply-to wants the request published on the channel that consumes the replies;
-            # that channel is not in confirm mode, so the frames are sent as they are.
-            frames = _puka.publish_frames(_puka.shortstr(exchange, "exchange"),
-                                          _puka.shortstr(routing_key, "routing_key"), data, props, True,
-                                          session.client.frame_max)
-            session.client._send_frames(reply_channel, frames)
-            session.schedule_flush()
-            reply = box.wait(limit)
-            if reply is None and not box.ready():
-                raise Timeout(f"no reply to {exchange!r}/{routing_key!r} within {limit:g}s")
-            if isinstance(reply, BaseException):
-                raise reply
-            assert isinstance(reply, Message)
-            return reply
-        finally:
-            self._replies.pop(correlation_id, None)
+    def _send_request(self, reply_channel: int | None, exchange: str, routing_key: str, data: bytes,
+                      properties: dict[str, Any]) -> None:
+        """Send a request on the reply channel: direct reply-to wants it on the channel that consumes replies."""
+        assert reply_channel is not None
+        session = self._live_session()
+        # That channel is not in confirm mode, so the frames are sent as they are.
+        frames = _puka.publish_frames(_puka.shortstr(exchange, "exchange"),
+                                      _puka.shortstr(routing_key, "routing_key"), data, properties, True,
+                                      session.client.frame_max)
+        session.client._send_frames(reply_channel, frames)
+        session.schedule_flush()
 
     def _reply_channel(self, timeout: float) -> int:
         """The channel number of this connection's reply-to consumer, started on first use."""
         consumer = self._reply_consumer
         if consumer is None or consumer.promise not in self._consumers:
-            promise = self.consume("amq.rabbitmq.reply-to", self._on_reply, no_ack=True, timeout=timeout)
+            promise = self.consume(_REPLY_TO, self._on_reply, no_ack=True, timeout=timeout)
             consumer = self._reply_consumer = self._consumers[promise]
         else:
             consumer.started.wait(timeout)
@@ -1220,13 +1081,6 @@ class PukaConnection:
         if box is not None and not box.ready():
             box.set(Unroutable(str(result.get("reply_text", "NO_ROUTE")), str(result.get("exchange", "")),
                                str(result.get("routing_key", ""))))
-
-    def _on_reply(self, _promise: int, message: Message) -> None:
-        box = self._replies.get(message.correlation_id or "")
-        if box is None:
-            log.debug("dropped a late or unknown reply %r", message.correlation_id)
-        elif not box.ready():
-            box.set(message)
 
     # -- closing --------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
@@ -1272,46 +1126,3 @@ def _is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _check_prefetch(prefetch_count: Any) -> None:
-    if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int) or not 0 <= prefetch_count < 65536:
-        raise ValueError(f"prefetch_count must be an integer from 0 to 65535, got {prefetch_count!r}")
-
-
-def _arguments(arguments: dict[str, Any] | None) -> dict[str, Any]:
-    if not arguments:
-        return {}
-    if not isinstance(arguments, dict):
-        raise TypeError(f"arguments must be a dict, got {type(arguments).__name__}")
-    _puka.encode_table(arguments, "arguments")  # fail before puka allocates a channel (D8)
-    return arguments
-
-
-def _properties(**given: Any) -> dict[str, Any]:
-    """Check and normalise message properties; errors name the property."""
-    out: dict[str, Any] = {}
-    for name, value in given.items():
-        if value is None:
-            continue
-        if name in ("delivery_mode", "priority"):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
-                raise ValueError(f"{name} must be an integer from 0 to 255, got {value!r}")
-            if name == "delivery_mode" and value not in (1, 2):
-                raise ValueError(f"delivery_mode must be 1 (transient) or 2 (persistent), got {value!r}")
-        elif name == "timestamp":
-            if isinstance(value, datetime.datetime):
-                aware = value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
-                value = int(aware.timestamp())
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise TypeError(f"timestamp must be a datetime or a non-negative int, got {value!r}")
-        elif name == "expiration":
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                value = str(value)
-            elif not (isinstance(value, str) and value.isdigit()):
-                raise ValueError(f"expiration must be milliseconds (int or digit string), got {value!r}")
-        else:
-            _puka.shortstr(value, name)
-        out[name] = value
-    return out
-

@@ -37,25 +37,32 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent.event import AsyncResult, Event
 from puka import table as puka_table
 
 from . import _puka, signals
+from ._base import (
+    _EXCHANGE_TYPES,
+    _REPLY_TO,
+    BaseConnection,
+    _arguments,
+    _BaseConsumer,
+    _check_prefetch,
+    _emit,
+    _promise_ids,
+    _properties,
+)
 from .config import PoolSettings
-from .connection import Callback, _arguments, _check_prefetch, _emit, _promise_ids, _properties
+from .connection import Callback
 from .exceptions import (
     AMQPError,
-    ConnectionBlocked,
     ConnectionError,
     ConnectionLost,
     MessageStateError,
     PublishNacked,
-    Timeout,
     Unroutable,
     error_from_reply,
 )
@@ -65,11 +72,9 @@ __all__ = ["MemoryBroker", "MemoryConnection", "broker", "find", "reset"]
 
 log = logging.getLogger(__name__)
 
-_EXCHANGE_TYPES = frozenset({"direct", "fanout", "topic", "headers"})
 #: Exchanges every RabbitMQ vhost has: name -> type (all durable).
 _PREDECLARED = {"": "direct", "amq.direct": "direct", "amq.fanout": "fanout", "amq.topic": "topic",
                 "amq.headers": "headers", "amq.match": "headers"}
-_REPLY_TO = "amq.rabbitmq.reply-to"
 #: Queue arguments RabbitMQ compares when a queue is declared again (rabbit_amqqueue declare_args).
 _EQUIVALENT_QUEUE_ARGS = ("x-expires", "x-message-ttl", "x-dead-letter-exchange", "x-dead-letter-routing-key",
                           "x-max-length", "x-max-length-bytes", "x-max-priority", "x-overflow", "x-queue-mode",
@@ -494,27 +499,18 @@ class _Session:
         self.server_properties = dict(_SERVER_PROPERTIES)
 
 
-class _Consumer:
+class _Consumer(_BaseConsumer):
     """A consumer registered by a MemoryConnection; started again on each new session."""
 
     def __init__(self, promise: int, queue: str, callback: Callable[[int, Message], Any] | None,
                  prefetch_count: int, no_ack: bool, exclusive: bool, arguments: dict[str, Any]) -> None:
-        self.promise = promise
-        self.queue = queue
-        self.callback = callback
-        self.prefetch_count = prefetch_count
-        self.no_ack = no_ack
-        self.exclusive = exclusive
-        self.arguments = arguments
+        super().__init__(promise, queue, callback, prefetch_count, no_ack, exclusive, arguments)
         priority = arguments.get("x-priority", 0)
         self.priority = priority if isinstance(priority, int) and not isinstance(priority, bool) else 0
-        self.cancelled = False
         self.session: _Session
         self.tag = ""
         self.window = 0
         self.unacked = 0
-        #: Where the one-shot consumer of a synchronous consume puts its message.
-        self.box: AsyncResult = AsyncResult()
 
     @property
     def broker_no_ack(self) -> bool:
@@ -1052,7 +1048,7 @@ class _ConnectionFatal(Exception):
 
 # -- the connection --------------------------------------------------------------------------------
 
-class MemoryConnection:
+class MemoryConnection(BaseConnection[_Consumer]):
     """What a pool hands out for ``memory://`` URLs: PukaConnection's API on an in-process broker.
 
     Every method takes the same arguments, checks them the same way, and
@@ -1061,46 +1057,18 @@ class MemoryConnection:
     the same too.
     """
 
+    _log = log
+
     def __init__(self, settings: PoolSettings, index: int = 0) -> None:
-        self.settings = settings
-        self.index = index
+        super().__init__(settings, index)
         self._node = settings.nodes[0]
         self._session: _Session | None = None
-        self._closed = False
-        self._consumers: dict[int, _Consumer] = {}
-        self._dispatch_queue: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._dispatch_wake = Event()
-        self._idle = Event()
-        self._idle.set()
         #: How many queued callbacks have "arrived" (see _dispatch) and may run.
         self._arrived = 0
         self._arrival: Any = None
-        self._dispatcher: gevent.Greenlet | None = None
-        self._callback_running = False
-        self._recovery: gevent.Greenlet | None = None
-        self._unblocked = Event()
-        self._unblocked.set()
-        self._blocked_since = 0.0
         self._delivery_tags = itertools.count(1)
         #: Called with this connection after every (re)open, before consumers resume.
         self.on_open: list[Callable[[MemoryConnection], Any]] = []
-        self.pending = 0
-        self.blocked_reason: str | None = None
-        self._replies: dict[str, AsyncResult] = {}
-        self._reply_consumer: _Consumer | None = None
-        self.stats: dict[str, Any] = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0,
-                                      "failed": 0, "delivered": 0, "acked": 0, "rejected": 0,
-                                      "blocked_seconds": 0.0}
-
-    def __repr__(self) -> str:
-        state = "open" if self.is_open else "closed" if self._closed else "idle"
-        return f"<MemoryConnection {self.settings.name}#{self.index} {self.settings.safe_url()} {state}>"
-
-    def __enter__(self) -> MemoryConnection:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        """Connections are shared: leaving a ``with`` block does not close it."""
 
     @property
     def broker(self) -> MemoryBroker:
@@ -1110,11 +1078,6 @@ class MemoryConnection:
     @property
     def is_open(self) -> bool:
         return self._session is not None and self._session.alive
-
-    @property
-    def blocked(self) -> bool:
-        """True while the broker blocks publishers (see :meth:`MemoryBroker.block`)."""
-        return self.blocked_reason is not None
 
     @property
     def server_properties(self) -> dict[str, Any]:
@@ -1182,17 +1145,9 @@ class MemoryConnection:
 
     def _on_blocked(self, blocked: bool, reason: Any) -> None:
         if blocked:
-            self.blocked_reason = str(reason or "blocked")
-            self._unblocked.clear()
-            self._blocked_since = time.monotonic()
-            log.warning("broker blocked publishing on %r: %s", self, self.blocked_reason)
-            _emit(signals.connection_blocked, self, reason=self.blocked_reason)
+            self._set_blocked(reason)
         elif self.blocked_reason is not None:
-            self.blocked_reason = None
-            self.stats["blocked_seconds"] += time.monotonic() - self._blocked_since
-            self._unblocked.set()
-            log.info("broker unblocked publishing on %r", self)
-            _emit(signals.connection_unblocked, self)
+            self._set_unblocked()
 
     # -- calling the broker ---------------------------------------------------------------------------
     @staticmethod
@@ -1306,7 +1261,8 @@ class MemoryConnection:
         wire = self._wire_properties(properties)
         context = {"exchange": exchange, "routing_key": routing_key}
         session = self._live_session()
-        self._wait_for_room()
+        if self.blocked_reason is not None:
+            self._wait_unblocked()
         started = time.monotonic()
         self._published(context, data, properties)
         error = self._run(session, lambda: session.broker.publish(session, exchange, routing_key, data, wire,
@@ -1322,11 +1278,6 @@ class MemoryConnection:
         return None
 
     basic_publish = publish
-
-    def _published(self, context: dict[str, str], body: bytes, properties: dict[str, Any]) -> None:
-        """Count and signal a publish exactly as PukaConnection._published does (keep the two in step)."""
-        self.stats["published"] += 1
-        _emit(signals.message_published, self, body_size=len(body), body=body, properties=properties, **context)
 
     @staticmethod
     def _wire_properties(properties: dict[str, Any]) -> dict[str, Any]:
@@ -1352,14 +1303,6 @@ class MemoryConnection:
         if signals.message_confirmed.receivers:
             _emit(signals.message_confirmed, self, seconds=max(time.monotonic() - started, 1e-9), **context)
         return {}
-
-    def _wait_for_room(self) -> None:
-        """Backpressure: wait while the broker blocks publishers."""
-        if self.blocked_reason is not None:
-            limit = self.settings.blocked_timeout
-            if not self._unblocked.wait(limit):
-                raise ConnectionBlocked(f"broker blocked publishing ({self.blocked_reason}) for more than "
-                                        f"{limit:g}s (blocked_timeout)")
 
     # -- receiving ----------------------------------------------------------------------------------
     def consume(self, queue: str, callback: Callable[[int, Message], Any] | None = None, *,
@@ -1415,22 +1358,6 @@ class MemoryConnection:
             return
         self._received(message)
         self._dispatch(self._deliver, consumer, message)
-
-    def _received(self, message: Message) -> None:
-        self.stats["delivered"] += 1
-        _emit(signals.message_received, self, message=message)
-
-    def _deliver(self, consumer: _Consumer, message: Message) -> None:
-        if consumer.cancelled:
-            if not message.settled:  # requeue what the callback never saw
-                try:
-                    self._settle(message, "reject", True, quiet=True)
-                    message.settled = True
-                except MessageStateError:
-                    pass
-            return
-        assert consumer.callback is not None
-        consumer.callback(consumer.promise, message)
 
     def _cancelled_by_broker(self, consumer: _Consumer) -> None:
         """The queue was deleted: the broker cancelled the consumer (basic.cancel)."""
@@ -1495,45 +1422,16 @@ class MemoryConnection:
 
     basic_get = get
 
-    def _settle(self, message: Message, action: str, requeue: bool, quiet: bool = False) -> None:
-        """Ack / reject / nack a message this connection received (Message calls it).
-
-        ``quiet`` settles a message the application never saw: not counted, not signalled.
-        """
+    def _send_settle(self, message: Message, action: str, requeue: bool) -> None:
+        """Settle a message with the broker it came from (for a message consumed with no_ack, refuse)."""
         session: _Session = message._context[0]
         delivery: _Delivery | None = message._context[1]
         if message._context[2]:
             raise MessageStateError("this message was consumed with no_ack=True; there is nothing to settle")
         if not session.alive or self._session is not session:
-            raise MessageStateError(
-                f"cannot {action} message {message.delivery_tag}: the channel it arrived on has closed "
-                "(connection lost or channel error), so the broker will deliver it again")
+            raise self._settle_refused(message, action)
         if delivery is not None:
             session.broker.settle(delivery, action, requeue)
-        if quiet:
-            return
-        if action == "ack":
-            self.stats["acked"] += 1
-            _emit(signals.message_acked, self, message=message)
-        else:
-            self.stats["rejected"] += 1
-            _emit(signals.message_rejected, self, message=message, requeue=requeue)
-
-    def ack(self, message: Message) -> None:
-        """Acknowledge a message: processed, never to be delivered again."""
-        message.ack()
-
-    basic_ack = ack
-
-    def reject(self, message: Message, requeue: bool = True) -> None:
-        """Reject a message: requeue it, or drop / dead-letter it with ``requeue=False``."""
-        message.reject(requeue)
-
-    basic_reject = reject
-
-    def nack(self, message: Message, requeue: bool = True) -> None:
-        """Negatively acknowledge a message (basic.nack)."""
-        message.nack(requeue)
 
     def cancel(self, promise: int, timeout: float | None = None) -> None:
         """Stop a consumer started with ``consume(queue, callback)``.
@@ -1551,10 +1449,6 @@ class MemoryConnection:
             self._round_trip()
 
     basic_cancel = cancel
-
-    def has_consumer(self, promise: int) -> bool:
-        """True if ``promise`` is a consumer of this connection."""
-        return promise in self._consumers
 
     def qos(self, promise: int, prefetch_count: int, timeout: float | None = None) -> None:
         """Change how many unacked messages a consumer may hold.
@@ -1646,39 +1540,17 @@ class MemoryConnection:
             _puka.shortstr(value, name)
 
     # -- request / reply --------------------------------------------------------------------------
-    def call(self, exchange: str, routing_key: str, body: bytes | str | None = None, *,
-             json: Any = _NOTHING, headers: dict[str, Any] | None = None, timeout: float | None = None,
-             **properties: Any) -> Message:
-        """Publish a request and wait for its reply, using direct reply-to (see PukaConnection.call).
-
-        :raises Timeout: no reply within ``timeout``.
-        :raises Unroutable: no queue took the request.
-        """
-        limit = self.settings.operation_timeout if timeout is None else timeout
-        self._reply_channel(limit)
-        correlation_id = f"rpc-{next(_promise_ids)}"
-        box: AsyncResult = AsyncResult()
-        self._replies[correlation_id] = box
-        try:
-            props = _properties(**{**properties, "correlation_id": correlation_id, "reply_to": _REPLY_TO})
-            data = encode_body(body, json, props)
-            if headers:
-                props["headers"] = headers
-            _puka.shortstr(exchange, "exchange")
-            _puka.shortstr(routing_key, "routing_key")
-            wire = self._wire_properties(props)
-            session = self._live_session()
-            error = self._run(session, lambda: session.broker.publish(session, exchange, routing_key, data, wire,
-                                                                      True, on_reply_channel=True))
-            if error is not None:
-                raise error
-            reply = box.wait(limit)
-            if reply is None and not box.ready():
-                raise Timeout(f"no reply to {exchange!r}/{routing_key!r} within {limit:g}s")
-            assert isinstance(reply, Message)
-            return reply
-        finally:
-            self._replies.pop(correlation_id, None)
+    def _send_request(self, reply_channel: int | None, exchange: str, routing_key: str, data: bytes,
+                      properties: dict[str, Any]) -> None:
+        """Publish a request as if on the reply channel; the broker's error (Unroutable...) is raised."""
+        _puka.shortstr(exchange, "exchange")
+        _puka.shortstr(routing_key, "routing_key")
+        wire = self._wire_properties(properties)
+        session = self._live_session()
+        error = self._run(session, lambda: session.broker.publish(session, exchange, routing_key, data, wire,
+                                                                  True, on_reply_channel=True))
+        if error is not None:
+            raise error
 
     def _reply_channel(self, timeout: float) -> None:
         """Start this connection's reply-to consumer on first use (and after a reconnect)."""
@@ -1687,13 +1559,6 @@ class MemoryConnection:
         if consumer is None or consumer.promise not in self._consumers or consumer.session is not session:
             promise = self.consume(_REPLY_TO, self._on_reply, no_ack=True, timeout=timeout)
             self._reply_consumer = self._consumers[promise]
-
-    def _on_reply(self, _promise: int, message: Message) -> None:
-        box = self._replies.get(message.correlation_id or "")
-        if box is None:
-            log.debug("dropped a late or unknown reply %r", message.correlation_id)
-        elif not box.ready():
-            box.set(message)
 
     # -- closing --------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:

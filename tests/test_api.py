@@ -351,6 +351,8 @@ def test_bad_arguments_fail_before_anything_is_sent(c: Any) -> None:
         c.publish("", "q", 123)
     with pytest.raises(ValueError, match="priority"):
         c.publish("", "q", b"x", priority=300)
+    with pytest.raises(ValueError, match="delivery_mode"):
+        c.publish("", "q", b"x", delivery_mode=0)  # a falsy value is still checked
     with pytest.raises(TypeError, match=r"headers\['k'\]"):
         c.publish("", "q", b"x", headers={"k": object()})
     with pytest.raises(ValueError, match="queue is 300 bytes"):
