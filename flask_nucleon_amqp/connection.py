@@ -22,6 +22,7 @@ import logging
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -99,6 +100,14 @@ class _Session:
         self.last_recv = self.last_send = time.monotonic()
         self.heartbeat_timer: Any = None
         self.expiry_timer: Any = None
+        #: Per channel: delivery tags not yet settled, in delivery order, and acks asked for but
+        #: not yet sent. Acks go out at the next flush, as one basic.ack(multiple) for the run
+        #: of settled tags at the front (the broker then handles one frame, not one per message).
+        self.unsettled: dict[Any, deque[int]] = {}
+        self.acks: dict[Any, set[int]] = {}
+        self.settled: dict[Any, set[int]] = {}
+        #: Channels whose oldest delivery stays unsettled for thousands of others: acked one by one.
+        self.uncoalesced: set[Any] = set()
         self.io: gevent.Greenlet | None = None
 
     def __repr__(self) -> str:
@@ -252,8 +261,75 @@ class _Session:
 
     def _flush(self) -> None:
         self.flush_scheduled = False
+        if self.acks:
+            self.flush_acks()
         if self.writer is None and self.opened:
             self._write_some()
+
+    def delivered(self, channel: Any, tag: int) -> None:
+        """Note a delivery that needs settling (not a no_ack one)."""
+        tags = self.unsettled.get(channel)
+        if tags is None:
+            if channel in self.uncoalesced:
+                return
+            tags = self.unsettled[channel] = deque()
+        tags.append(tag)
+
+    def ack_later(self, channel: Any, tag: int) -> None:
+        if channel in self.uncoalesced:
+            self.client._send_frames(channel.number, puka_spec.encode_basic_ack(tag, False))
+            self.schedule_flush()
+            return
+        acks = self.acks.get(channel)
+        if acks is None:
+            acks = self.acks[channel] = set()
+        acks.add(tag)
+        self.schedule_flush()
+
+    def settled_now(self, channel: Any, tag: int) -> None:
+        """A reject or nack went out for ``tag``: it no longer holds back a multiple ack."""
+        self.settled.setdefault(channel, set()).add(tag)
+
+    def flush_acks(self) -> None:
+        """Queue the acks asked for since the last flush, as few frames as the order allows.
+
+        ``basic.ack(multiple=True)`` settles every outstanding delivery up to its tag on that
+        channel, so it covers only a front run of tags that are all settled; an ack beyond a
+        gap (a message still being processed) goes out on its own.
+        """
+        acks, self.acks = self.acks, {}
+        client = self.client
+        if client.send_buf is None:
+            return
+        for channel, tags in acks.items():
+            if not channel.alive or client.channels.channels.get(channel.number) is not channel:
+                self.unsettled.pop(channel, None)  # the channel closed: the broker has requeued these
+                self.settled.pop(channel, None)
+                continue
+            unsettled = self.unsettled.get(channel) or deque()
+            settled = self.settled.get(channel) or set()
+            last = None
+            while unsettled and (unsettled[0] in tags or unsettled[0] in settled):
+                tag = unsettled.popleft()
+                if tag in tags:
+                    tags.discard(tag)
+                    last = tag
+                else:
+                    settled.discard(tag)
+            frames = [] if last is None else list(puka_spec.encode_basic_ack(last, True))
+            for tag in tags:  # beyond a gap: one by one, and remembered as settled
+                frames.extend(puka_spec.encode_basic_ack(tag, False))
+                settled.add(tag)
+            if frames:
+                client._send_frames(channel.number, frames)
+            if len(unsettled) + len(settled) > 4096:
+                # A message held for long keeps the run from ever reaching the others: stop
+                # tracking (bounded memory) and ack this channel's messages one by one.
+                self.uncoalesced.add(channel)
+                self.unsettled.pop(channel, None)
+                self.settled.pop(channel, None)
+            elif settled:
+                self.settled[channel] = settled
 
     def _write_some(self) -> None:
         """Write until the kernel buffer is full; then a writer greenlet waits for room."""
@@ -835,8 +911,10 @@ class PukaConnection(BaseConnection[_Consumer]):
 
     def _on_delivery(self, consumer: _Consumer, session: _Session, puka_promise: Any, result: Any) -> None:
         """Runs in the I/O greenlet for each delivery of a consumer."""
-        message = Message.from_frame(result, self, (session, puka_promise.channel, puka_promise.number,
-                                                    consumer.no_ack and consumer.callback is not None))
+        no_ack = consumer.no_ack and consumer.callback is not None
+        message = Message.from_frame(result, self, (session, puka_promise.channel, puka_promise.number, no_ack))
+        if not no_ack:
+            session.delivered(puka_promise.channel, result["delivery_tag"])
         if consumer.callback is None:  # the one-shot consumer of a synchronous consume
             box = consumer.box
             if box.ready() or consumer.cancelled:
@@ -900,6 +978,8 @@ class PukaConnection(BaseConnection[_Consumer]):
         puka_promise = session.client.promises._promises.get(number)
         channel = puka_promise.channel if puka_promise is not None else None
         message = Message.from_frame(frame, self, (session, channel, number, no_ack))
+        if not no_ack:
+            session.delivered(channel, frame["delivery_tag"])
         self._received(message)
         return message
 
@@ -916,16 +996,18 @@ class PukaConnection(BaseConnection[_Consumer]):
             raise self._settle_refused(message, action)
         tag = message.delivery_tag
         if action == "ack":
-            frames = puka_spec.encode_basic_ack(tag, False)
-        elif action == "reject":
-            frames = puka_spec.encode_basic_reject(tag, requeue)
+            session.ack_later(channel, tag)  # coalesced at the flush
         else:
-            frames = puka_spec.encode_basic_nack(tag, False, requeue)
-        client._send_frames(channel.number, frames)
+            if action == "reject":
+                frames = puka_spec.encode_basic_reject(tag, requeue)
+            else:
+                frames = puka_spec.encode_basic_nack(tag, False, requeue)
+            client._send_frames(channel.number, frames)
+            session.settled_now(channel, tag)
+            session.schedule_flush()
         puka_promise = client.promises._promises.get(number)
         if puka_promise is not None and puka_promise.refcnt > 0:
             puka_promise.refcnt_dec()  # lets puka release a get's channel
-        session.schedule_flush()
 
     def cancel(self, promise: int, timeout: float | None = None) -> None:
         """Stop a consumer started with ``consume(queue, callback)``.
@@ -1102,6 +1184,7 @@ class PukaConnection(BaseConnection[_Consumer]):
         if session is not None and session.usable:
             box = AsyncResult()
             try:
+                session.flush_acks()  # acks asked for just now go out before connection.close
                 session.client.close(callback=_settable(box))
                 session.schedule_flush()
                 box.wait(max(0.001, deadline - time.monotonic()))

@@ -663,3 +663,73 @@ def test_cancel_racing_the_brokers_own_cancel(conn: PukaConnection, names: Names
     finally:
         signals.consumer_cancelled.disconnect(on_cancelled)
     assert all(event == {"promise": promise, "queue": queue} for event in cancelled)
+
+
+def _consume_all(conn: PukaConnection, queue: str, count: int, prefetch: int) -> tuple[int, list]:
+    got: list = []
+    promise = conn.consume(queue, callback=lambda p, m: got.append(m), prefetch_count=prefetch)
+    return promise, got
+
+
+def test_acks_coalesce_only_over_settled_runs(names: Names) -> None:
+    """Acks go out as basic.ack(multiple) for runs of settled tags; a held message is never covered."""
+    import random
+
+    app = make_app()
+    AMQP(app)
+    conn = app.extensions["amqp"].connection("listen")
+    queue = names.queue()
+    conn.queue_declare(queue)
+    for i in range(300):
+        conn.publish("", queue, str(i))
+    promise, got = _consume_all(conn, queue, 300, prefetch=300)
+    assert wait_until(lambda: len(got) == 300)
+    held, rejected, rest = got[0], got[150], got[1:150] + got[151:]
+    random.Random(7).shuffle(rest)
+    for i, message in enumerate(rest):
+        message.ack()
+        if i % 37 == 0:
+            gevent.sleep(0)  # flush in between: several coalesced batches
+    rejected.reject(requeue=False)  # dropped
+    conn.cancel(promise)
+    session = conn._session
+    assert wait_until(lambda: not session.acks)
+    app.extensions["amqp"].close()  # the held message was never acked: back in the queue
+    other = make_app()
+    AMQP(other)
+    left = other.extensions["amqp"].get(queue)
+    assert left is not None and left.body == held.body and left.redelivered
+    left.ack()
+    assert other.extensions["amqp"].get(queue) is None
+    other.extensions["amqp"].close()
+
+
+def test_a_long_held_message_stops_ack_tracking_for_its_channel(names: Names) -> None:
+    app = make_app()
+    AMQP(app)
+    conn = app.extensions["amqp"].connection("listen")
+    queue = names.queue()
+    conn.queue_declare(queue)
+    for i in range(5000):
+        conn.publish("", queue, str(i), callback=lambda p, r: None)
+    assert wait_until(lambda: conn.queue_declare(queue, passive=True)["message_count"] == 5000, timeout=30)
+    got: list = []
+
+    def work(promise: int, message: object) -> None:
+        got.append(message)
+        if len(got) > 1:
+            message.ack()  # type: ignore[attr-defined]
+
+    promise = conn.consume(queue, callback=work, prefetch_count=200)
+    assert wait_until(lambda: len(got) == 5000, timeout=30)
+    session = conn._session
+    assert session.uncoalesced and not session.unsettled  # bounded: no per-tag bookkeeping left
+    conn.cancel(promise)
+    app.extensions["amqp"].close()
+    other = make_app()
+    AMQP(other)
+    left = other.extensions["amqp"].get(queue)
+    assert left is not None and left.body == got[0].body
+    left.ack()
+    assert other.extensions["amqp"].get(queue) is None
+    other.extensions["amqp"].close()
