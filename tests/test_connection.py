@@ -665,10 +665,15 @@ def test_cancel_racing_the_brokers_own_cancel(conn: PukaConnection, names: Names
     assert all(event == {"promise": promise, "queue": queue} for event in cancelled)
 
 
-def _consume_all(conn: PukaConnection, queue: str, count: int, prefetch: int) -> tuple[int, list]:
-    got: list = []
-    promise = conn.consume(queue, callback=lambda p, m: got.append(m), prefetch_count=prefetch)
-    return promise, got
+def _only_message_left(queue: str, body: bytes) -> None:
+    """After the consuming app closed: exactly one message is back in ``queue``, the one never acked."""
+    other = make_app()
+    AMQP(other)
+    left = other.extensions["amqp"].get(queue)
+    assert left is not None and left.body == body and left.redelivered
+    left.ack()
+    assert other.extensions["amqp"].get(queue) is None
+    other.extensions["amqp"].close()
 
 
 def test_acks_coalesce_only_over_settled_runs(names: Names) -> None:
@@ -682,7 +687,8 @@ def test_acks_coalesce_only_over_settled_runs(names: Names) -> None:
     conn.queue_declare(queue)
     for i in range(300):
         conn.publish("", queue, str(i))
-    promise, got = _consume_all(conn, queue, 300, prefetch=300)
+    got: list = []
+    promise = conn.consume(queue, callback=lambda p, m: got.append(m), prefetch_count=300)
     assert wait_until(lambda: len(got) == 300)
     held, rejected, rest = got[0], got[150], got[1:150] + got[151:]
     random.Random(7).shuffle(rest)
@@ -695,13 +701,7 @@ def test_acks_coalesce_only_over_settled_runs(names: Names) -> None:
     session = conn._session
     assert wait_until(lambda: not session.acks)
     app.extensions["amqp"].close()  # the held message was never acked: back in the queue
-    other = make_app()
-    AMQP(other)
-    left = other.extensions["amqp"].get(queue)
-    assert left is not None and left.body == held.body and left.redelivered
-    left.ack()
-    assert other.extensions["amqp"].get(queue) is None
-    other.extensions["amqp"].close()
+    _only_message_left(queue, held.body)
 
 
 def test_a_long_held_message_stops_ack_tracking_for_its_channel(names: Names) -> None:
@@ -726,10 +726,4 @@ def test_a_long_held_message_stops_ack_tracking_for_its_channel(names: Names) ->
     assert session.uncoalesced and not session.unsettled  # bounded: no per-tag bookkeeping left
     conn.cancel(promise)
     app.extensions["amqp"].close()
-    other = make_app()
-    AMQP(other)
-    left = other.extensions["amqp"].get(queue)
-    assert left is not None and left.body == got[0].body
-    left.ack()
-    assert other.extensions["amqp"].get(queue) is None
-    other.extensions["amqp"].close()
+    _only_message_left(queue, got[0].body)
