@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -276,8 +276,3 @@ EXTRA_APP_KEYS: dict[str, Any] = {
     #: Start listeners when a web process initialises; False leaves them to `flask amqp listen`.
     "AMQP_START_LISTENERS": True,
 }
-
-
-def with_overrides(settings: PoolSettings, **changes: Any) -> PoolSettings:
-    """A copy of ``settings`` with some fields changed (used by tests and failover)."""
-    return replace(settings, **changes)
