@@ -565,10 +565,9 @@ class PukaConnection(BaseConnection[_Consumer]):
         delay = 0.1
         while not self._closed and not self.is_open:
             try:
-                self._open()
+                node = self._open().node  # the node it reached, not the first of the list
                 self.stats["recovered"] += 1
-                log.info("recovered connection to %s", self.settings.safe_url())
-                node = self._session.node if self._session is not None else self.settings.nodes[0]
+                log.info("recovered connection to %s", self.settings.safe_url(node))
                 _emit(signals.connection_recovered, self, node=str(node))
                 return
             except (AuthenticationError, VhostNotAllowed) as exc:
