@@ -101,13 +101,13 @@ def post_worker_init(worker: Any) -> None:
     for signum in _STOP_SIGNALS:
         _on_stop_signal(signum, apps)
     for app in apps:
-        if not worker.alive:  # told to stop while it booted
+        if not getattr(worker, "alive", True):  # told to stop while it booted
             app.extensions["amqp"].lifecycle.request_stop()
             continue
         try:
             app.extensions["amqp"].initialise()
         except InitialisationError:
-            if worker.alive:
+            if getattr(worker, "alive", True):
                 raise
             log.info("worker %s stopped while initialising %r", os.getpid(), app.name)
 

@@ -83,7 +83,7 @@ class InitialisationError(AMQPError, RuntimeError):
     """Initialising the process failed; it will not serve until restarted. ``__cause__`` is why."""
 
 
-class _Abandoned(gevent.GreenletExit):
+class _Abandoned(gevent.GreenletExit):  # type: ignore[misc]
     """Thrown into the greenlet that initialises when a stop is requested meanwhile."""
 
 

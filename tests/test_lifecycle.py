@@ -200,7 +200,7 @@ def test_gunicorn_hooks_initialise_at_boot_and_close_at_exit(names: Names, apps:
         wsgi = app
         pid = os.getpid()
 
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)}
     try:
         post_worker_init(Worker())
         state: AMQPState = app.extensions["amqp"]
@@ -212,4 +212,5 @@ def test_gunicorn_hooks_initialise_at_boot_and_close_at_exit(names: Names, apps:
         worker_exit(None, Worker())
         assert state.closed and not state.listeners[0].consuming
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
