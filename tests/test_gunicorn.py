@@ -322,9 +322,11 @@ def test_sigterm_at_any_moment_of_boot_stops_every_worker_in_time(names: Names, 
     problems = []
     for result in results:
         booted, exited = result["booted"], result["exited"]
-        if result["returncode"] != 0 or not booted or result["took"] > SHUTDOWN_TIMEOUT + EXIT_MARGIN or booted - exited:
-            problems.append(f"SIGTERM at {result['delay']}: exit {result['returncode']} after {result['took']:.1f}s, "
-                            f"workers {sorted(booted)} exited {sorted(exited)}\n{result['log'].read_text()}")
+        late = result["took"] > SHUTDOWN_TIMEOUT + EXIT_MARGIN
+        if result["returncode"] != 0 or not booted or late or booted - exited:
+            problems.append(f"SIGTERM at {result['delay']}: exit {result['returncode']} after "
+                            f"{result['took']:.1f}s, workers {sorted(booted)} exited {sorted(exited)}\n"
+                            f"{result['log'].read_text()}")
     assert not problems, "\n".join(problems)
     print("SIGTERM at (delay: seconds to exit):", ", ".join(f"{r['delay']}: {r['took']:.1f}" for r in results))
     pids = {pid for result in results for pid in {result["master"], *result["booted"]}}
