@@ -107,7 +107,8 @@ def post_worker_init(worker: Any) -> None:
         try:
             app.extensions["amqp"].initialise()
         except InitialisationError:
-            if getattr(worker, "alive", True):
+            # Abandoned by a stop signal (gunicorn's SIGQUIT handler marks the worker only a little later).
+            if getattr(worker, "alive", True) and not app.extensions["amqp"].lifecycle.stopping:
                 raise
             log.info("worker %s stopped while initialising %r", os.getpid(), app.name)
 
