@@ -204,12 +204,18 @@ class AMQPState:
         """
         if self.closed:
             return
-        if self._runtime is not None or any(pool._runtime is not None for pool in self.pools.values()):
+        used = {id(runtime): runtime for runtime in [self._runtime, *(pool._runtime for pool in self.pools.values())]
+                if runtime is not None}
+        if used:
             self._close_in_hub(timeout)
         else:  # never used: no hub to start just to close
             self._close(timeout)
-        if not any(not state.closed for state in list(_live_states)):
-            _runtime.shutdown(min(self.shutdown_timeout, 5.0))  # the last app closed: no hub thread left behind
+        for runtime in used.values():  # the last app using a hub thread closed: stop it
+            if not any(state._uses(runtime) for state in list(_live_states) if not state.closed):
+                runtime.stop(min(self.shutdown_timeout, 5.0))
+
+    def _uses(self, runtime: Runtime) -> bool:
+        return self._runtime is runtime or any(pool._runtime is runtime for pool in self.pools.values())
 
     def _close(self, timeout: float | None) -> None:
         self.closed = True
