@@ -26,7 +26,7 @@ import gevent.threadpool
 import pytest
 from test_gunicorn import _HAS_CONTROL_SOCKET
 
-from flask_nucleon_amqp import AMQP, AMQPState, ConfigError, PukaConnection
+from flask_nucleon_amqp import AMQP, AMQPState, ConfigError, PukaConnection, signals
 from flask_nucleon_amqp.runtime import THREAD_NAME, ThreadBridge
 
 from _proxy import Proxy
@@ -48,12 +48,15 @@ def _free_port() -> int:
 
 
 def _http(port: int, method: str, path: str) -> tuple[int, Any]:
+    """(status, JSON body); (0, the error) when there was no answer (errors must not reach the hub)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
     try:
         conn.request(method, path)
         response = conn.getresponse()
         body = response.read()
         return response.status, json.loads(body) if response.status == 200 else body
+    except OSError as exc:
+        return 0, repr(exc)
     finally:
         conn.close()
 
@@ -67,10 +70,7 @@ def _request(port: int, method: str, path: str) -> tuple[int, Any]:
 
 
 def _try_state(port: int) -> dict[str, Any] | None:
-    try:
-        status, body = _request(port, "GET", "/state")
-    except OSError:
-        return None
+    status, body = _request(port, "GET", "/state")
     return body if status == 200 else None
 
 
@@ -280,10 +280,17 @@ def test_runtime_key_is_checked() -> None:
 
 def test_calls_and_acks_from_an_os_thread_are_handed_to_the_gevent_hub(conn: PukaConnection, amqp: AMQPState,
                                                                        names: Names) -> None:
-    """gevent mode (this process): a real OS thread publishes, gets and acks; the main hub does the I/O."""
+    """gevent mode (this process): a real OS thread publishes, gets and acks; the main hub does the work."""
     queue = names.queue()
     conn.queue_declare(queue)
     outcome: dict[str, Any] = {}
+    where: dict[str, set[int]] = {"published": set(), "acked": set()}
+
+    def published(sender: Any, **_: Any) -> None:
+        where["published"].add(threading.get_ident())
+
+    def acked(sender: Any, **_: Any) -> None:
+        where["acked"].add(threading.get_ident())
 
     def in_thread() -> None:
         try:
@@ -299,10 +306,13 @@ def test_calls_and_acks_from_an_os_thread_are_handed_to_the_gevent_hub(conn: Puk
             outcome["error"] = exc
 
     worker = threading.Thread(target=in_thread)
-    worker.start()
-    assert wait_until(lambda: not worker.is_alive(), timeout=20)
+    with signals.message_published.connected_to(published), signals.message_acked.connected_to(acked):
+        worker.start()
+        assert wait_until(lambda: not worker.is_alive(), timeout=20)
     assert "error" not in outcome, outcome
     assert outcome == {"bridged": True, "first": "t0"}
+    # puka was driven by the hub's thread only: signals are sent where the work is done.
+    assert where == {"published": {threading.get_ident()}, "acked": {threading.get_ident()}}
     assert conn.queue_declare(queue, passive=True)["message_count"] == 19  # the ack went out
 
 
