@@ -85,7 +85,7 @@ class Pool:
                 conn = self._connections[index] = self._new_connection(index)
             return conn
         if conn is None:
-            conn = runtime.call(self._connection_at, index)
+            conn = runtime.call(self._connection_at, index, _limit=self.settings.connect_timeout + 2.0)
         return self._bridge(conn)
 
     def _connection_at(self, index: int) -> PukaConnection:

@@ -241,10 +241,12 @@ class Runtime:
 
     @property
     def alive(self) -> bool:
+        """False once stopped, and in a child after fork (which gets its own runtime)."""
+        if self.pid != os.getpid():
+            return False
         if self.mode == "gevent":
             return True
-        return (self.thread is not None and self.thread.is_alive() and not self._closing
-                and self.pid == os.getpid())
+        return self.thread is not None and self.thread.is_alive() and not self._closing
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the hub thread (thread mode); connections must be closed first."""
@@ -386,7 +388,29 @@ class ThreadBridge:
         value = getattr(self._target, name)
         if name.startswith("_") or not callable(value):
             return value
-        return functools.partial(self._runtime.call, value)
+        return functools.partial(self._call, value)
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self._runtime.call(method, *args, _limit=self._limit(method, args, kwargs), **kwargs)
+
+    def _limit(self, method: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+        """How long the calling thread waits at most, so that a hub stalled by a blocking callback cannot
+        hang it: the call's own timeout plus what opening a connection and a broker alarm may take.
+
+        None (as long as the hub lives) for a synchronous consume without timeout, which waits for a
+        message by design, and for close(), which has its own timeout.
+        """
+        name = getattr(method, "__name__", "")
+        timeout = kwargs.get("timeout")
+        callback = kwargs.get("callback", args[1] if len(args) > 1 else None)
+        if name in ("close", "forget") or (name in ("consume", "basic_consume") and timeout is None
+                                           and callback is None):
+            return None
+        settings = getattr(self._target, "settings", None)
+        if settings is None:
+            return None
+        own = float(settings.operation_timeout if timeout is None else timeout)
+        return own + float(settings.connect_timeout) * len(settings.nodes) + float(settings.blocked_timeout) + 2.0
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._target, name, value)

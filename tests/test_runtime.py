@@ -26,7 +26,7 @@ import gevent.threadpool
 import pytest
 from test_gunicorn import _HAS_CONTROL_SOCKET
 
-from flask_nucleon_amqp import AMQP, AMQPState, ConfigError, PukaConnection, signals
+from flask_nucleon_amqp import AMQP, AMQPState, ConfigError, PukaConnection, Timeout, signals
 from flask_nucleon_amqp.runtime import THREAD_NAME, ThreadBridge
 
 from _proxy import Proxy
@@ -314,6 +314,26 @@ def test_calls_and_acks_from_an_os_thread_are_handed_to_the_gevent_hub(conn: Puk
     # puka was driven by the hub's thread only: signals are sent where the work is done.
     assert where == {"published": {threading.get_ident()}, "acked": {threading.get_ident()}}
     assert conn.queue_declare(queue, passive=True)["message_count"] == 19  # the ack went out
+
+
+def test_a_stalled_hub_cannot_hang_a_calling_thread(names: Names) -> None:
+    """A callback that blocks the hub thread (what the docs say not to do): callers still get Timeout in time."""
+    timeouts = {"connect_timeout": 1, "blocked_timeout": 1}
+    app = make_app(AMQP_RUNTIME="thread", AMQP_POOLS={"publish": {"size": 1, **timeouts}, "listen": timeouts})
+    AMQP(app)
+    state: AMQPState = app.extensions["amqp"]
+    queue = names.queue()
+    try:
+        state.queue_declare(queue)
+        state.publish("", queue, "stall")
+        state.consume(queue, lambda _promise, message: time.sleep(6) or message.ack())
+        gevent.sleep(0.5)  # the callback is sleeping in the hub thread now
+        started = time.monotonic()
+        with pytest.raises(Timeout, match="no answer from the AMQP hub"):
+            state.queue_declare(queue, timeout=0.5)  # waits 0.5 + 1 + 1 + 2 s at most
+        assert time.monotonic() - started < 5.0
+    finally:
+        state.close(timeout=10)
 
 
 def test_a_thread_running_its_own_hub_waits_cooperatively(names: Names) -> None:
