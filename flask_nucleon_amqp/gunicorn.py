@@ -38,7 +38,6 @@ import signal
 from types import FrameType
 from typing import Any
 
-import gevent
 from flask import Flask
 
 from .lifecycle import InitialisationError, live_apps
@@ -122,7 +121,8 @@ def _on_stop_signal(signum: int, apps: list[Flask]) -> None:
         for app in apps:
             app.extensions["amqp"].lifecycle.request_stop()  # never blocks
         # Blocking calls do not belong in a signal handler (gunicorn does the same for SIGQUIT).
-        gevent.spawn(_cancel_listeners, apps)
+        for app in apps:  # in the hub of the app's connections (the worker's, or thread mode's hub thread)
+            app.extensions["amqp"].runtime.submit(_cancel_listeners, [app])
 
     signal.signal(signum, on_stop)
 

@@ -45,6 +45,7 @@ from gevent.event import Event
 
 from .exceptions import AMQPError, ConfigError, ConnectionError, Timeout
 from .listener import Listener, ListenerOptions, MessageCallback, _callback_name
+from .runtime import Runtime, in_hub
 from .topology import Topology, topology_from_config
 
 if TYPE_CHECKING:
@@ -138,6 +139,11 @@ class Lifecycle:
         self._not_running.set()
 
     @property
+    def runtime(self) -> Runtime:
+        """The app's runtime: initialising, listeners and stopping run in its hub, whatever thread asks."""
+        return self.state.runtime
+
+    @property
     def initialised(self) -> bool:
         return self._pid == os.getpid() and self._done and self._error is None
 
@@ -148,6 +154,7 @@ class Lifecycle:
             return
         self.initialise()
 
+    @in_hub
     def initialise(self, *, start_listeners: bool | None = None) -> None:
         """Initialise this process once: topology, handlers, listeners (see the module doc).
 
@@ -250,6 +257,7 @@ class Lifecycle:
             listener.register_declarations()  # `flask amqp declare` declares its retry queues
         return listener
 
+    @in_hub
     def start_listeners(self) -> list[Listener]:
         """Start every registered listener not started yet (``flask amqp listen``)."""
         self._this_process()
@@ -258,6 +266,7 @@ class Lifecycle:
                 listener.start()
         return list(self.listeners)
 
+    @in_hub
     def cancel_listeners(self) -> None:
         """Stop taking deliveries at once (basic.cancel); running callbacks go on (SIGTERM)."""
         for listener in list(self.listeners):
@@ -268,6 +277,9 @@ class Lifecycle:
         if self._pid != os.getpid():
             return
         self.stopping = True
+        if not self.runtime.is_home():  # the steps run in the home hub: interrupt them there
+            self.runtime.submit(self.request_stop)
+            return
         runner = self._runner
         if self._running and runner is not None and runner is not gevent.getcurrent():
             gevent.get_hub().loop.run_callback(self._interrupt, runner)
@@ -278,6 +290,7 @@ class Lifecycle:
         if self._running and self._runner is runner and not runner.dead:
             runner.throw(_Abandoned)
 
+    @in_hub
     def stop(self, timeout: float | None = None) -> bool:
         """Abandon start-up, stop every listener gracefully; True when every running callback finished in time."""
         if self._pid != os.getpid():
