@@ -1,0 +1,353 @@
+"""The transactional outbox (flask_nucleon_amqp.outbox) against the real broker and real databases.
+
+Every test counts the messages that arrive in a queue of its own. SQLite is a file; PostgreSQL and
+MariaDB are the ones `make test` starts (scripts/ensure-databases.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_nucleon_amqp import AMQP, Message
+from flask_nucleon_amqp.outbox import Outbox, OutboxState, outbox_parked, outbox_published, outbox_written
+
+from conftest import BROKER_URL, Names, make_app, wait_until
+
+pytest_plugins = ["_brokers"]
+
+POSTGRESQL = os.environ.get("OUTBOX_TEST_POSTGRESQL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MARIADB = os.environ.get("OUTBOX_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return {"sqlite": f"sqlite:///{tmp_path}/outbox.db", "postgresql": POSTGRESQL, "mariadb": MARIADB}[request.param]
+
+
+class Setup:
+    """An app with AMQP, Flask-SQLAlchemy and an outbox on a table of its own, and a queue to count in."""
+
+    def __init__(self, url: str, names: Names, broker: str = BROKER_URL, **config: Any) -> None:
+        self.table_name = f"outbox_{uuid.uuid4().hex[:10]}"
+        self.db = SQLAlchemy()
+        self.outbox = Outbox(self.db, table_name=self.table_name)
+        defaults = {"AMQP_OUTBOX_RELAY_DELAY": 0.5, "AMQP_OUTBOX_RELAY_INTERVAL": 0.1, "AMQP_OUTBOX_BACKOFF": 0.1,
+                    "AMQP_OUTBOX_BACKOFF_MAX": 0.5, "AMQP_START_LISTENERS": True}
+        self.app: Flask = make_app(SQLALCHEMY_DATABASE_URI=url, AMQP_URL=broker, **{**defaults, **config})
+        self.db.init_app(self.app)
+        AMQP(self.app)
+        self.outbox.init_app(self.app)
+        with self.app.app_context():
+            self.engine = self.db.engine
+        self.outbox.table.create(self.engine)
+        self.amqp = self.app.extensions["amqp"]
+        self.state: OutboxState = self.app.extensions["amqp_outbox"][self.table_name]
+        conn = self.amqp.connection()
+        self.exchange = names.exchange("outbox")
+        self.queue = names.queue("outbox")
+        conn.exchange_declare(self.exchange, "fanout", durable=True)
+        conn.queue_declare(self.queue, durable=True)
+        conn.queue_bind(self.queue, self.exchange)
+        self.received: list[Message] = []
+        self.amqp.connection("listen").consume(self.queue, lambda _promise, message: self.received.append(message),
+                                               no_ack=True)
+
+    def rows(self) -> list[Any]:
+        with self.engine.connect() as db:
+            return list(db.execute(sa.select(self.outbox.table).order_by(self.outbox.table.c.id)).all())
+
+    def ids(self) -> list[int]:
+        return [int(message["message_id"]) for message in self.received]
+
+    def close(self) -> None:
+        self.amqp.close(timeout=5)
+        self.outbox.table.drop(self.engine)
+        self.engine.dispose()
+
+
+@pytest.fixture
+def setup(database: str, names: Names) -> Iterator[Setup]:
+    made = Setup(database, names)
+    yield made
+    made.close()
+
+
+def test_commit_publishes_once_promptly_and_rollback_never(setup: Setup) -> None:
+    written: list[dict[str, Any]] = []
+    published: list[dict[str, Any]] = []
+
+    def on_written(_sender: Any, **kwargs: Any) -> None:
+        written.append(kwargs)
+
+    def on_published(_sender: Any, **kwargs: Any) -> None:
+        published.append(kwargs)
+
+    outbox_written.connect(on_written)
+    outbox_published.connect(on_published)
+    try:
+        with setup.app.app_context():
+            session = setup.db.session
+            setup.outbox.publish(setup.exchange, "k", b"rolled back")
+            session.rollback()
+            first = setup.outbox.publish(setup.exchange, "k", b"one", headers={"n": 1}, persistent=True)
+            with session.begin_nested():
+                second = setup.outbox.publish(setup.exchange, "k", json={"two": 2})
+            try:
+                with session.begin_nested():
+                    setup.outbox.publish(setup.exchange, "k", b"savepoint rolled back")
+                    raise RuntimeError("roll the savepoint back")
+            except RuntimeError:
+                pass
+            assert not setup.received
+            committed = time.monotonic()
+            session.commit()
+        assert wait_until(lambda: len(setup.received) >= 2, timeout=5)
+        assert time.monotonic() - committed < 1.0
+        gevent.sleep(0.5)  # anything else would have arrived by now
+    finally:
+        outbox_written.disconnect(on_written)
+        outbox_published.disconnect(on_published)
+    assert [m.body for m in setup.received] == [b"one", b'{"two":2}']
+    assert setup.ids() == [first, second]
+    assert setup.received[0].headers["n"] == 1 and setup.received[0]["delivery_mode"] == 2
+    assert setup.received[1]["content_type"] == "application/json"
+    assert wait_until(lambda: not setup.rows(), timeout=5)
+    assert len(written) == 4 and sum(entry["count"] for entry in published) == 2
+    assert setup.state.stats["published"] == 2
+    health = setup.amqp.health()["outbox"]
+    assert health["ok"] and health["pending"] == 0 and health["oldest_age"] is None
+    assert setup.amqp.stats()["outbox"]["written"] == 4
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_bad_input_raises_before_anything_is_written(setup: Setup) -> None:
+    bad: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"body": 42}, TypeError, "body must be bytes or str"),
+        ({"body": b"x", "json": {}}, TypeError, "body or json="),
+        ({"priority": 300}, ValueError, "priority"),
+        ({"delivery_mode": 3}, ValueError, "delivery_mode"),
+        ({"expiration": "soon"}, ValueError, "expiration"),
+        ({"headers": ["not", "a", "dict"]}, TypeError, "headers must be a dict"),
+        ({"headers": {"x": {1, 2}}}, Exception, "headers"),
+        ({"content_type": "x" * 300}, Exception, "content_type"),
+        ({"callback": print}, TypeError, "callback"),
+    ]
+    with setup.app.app_context():
+        for arguments, error, text in bad:
+            with pytest.raises(error, match=text):
+                setup.outbox.publish(setup.exchange, "k", **arguments)
+        with pytest.raises(Exception, match="routing_key"):
+            setup.outbox.publish(setup.exchange, "k" * 256, b"x")
+        setup.db.session.commit()
+    assert setup.rows() == []
+    gevent.sleep(0.3)
+    assert setup.received == []
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_1000_messages_in_100_transactions_by_50_greenlets(database: str, names: Names) -> None:
+    setup = Setup(database, names, SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 50, "max_overflow": 0})
+    try:
+        def worker(number: int) -> list[list[int]]:
+            transactions = []
+            for transaction in range(2):
+                with setup.app.app_context():
+                    ids = []
+                    for index in range(10):
+                        ids.append(setup.outbox.publish(setup.exchange, "k", f"{number}.{transaction}.{index}"))
+                        gevent.sleep(0)  # interleave the 50 transactions
+                    setup.db.session.commit()
+                    transactions.append(ids)
+            return transactions
+
+        greenlets = [gevent.spawn(worker, number) for number in range(50)]
+        gevent.joinall(greenlets, raise_error=True)
+        assert wait_until(lambda: len(setup.received) >= 1000, timeout=30)
+        gevent.sleep(0.3)
+        assert len(setup.received) == 1000
+        position = {message_id: index for index, message_id in enumerate(setup.ids())}
+        assert len(position) == 1000
+        for greenlet in greenlets:
+            for ids in greenlet.value:
+                assert [position[i] for i in ids] == sorted(position[i] for i in ids)  # written order
+        assert wait_until(lambda: not setup.rows(), timeout=5)
+    finally:
+        setup.close()
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_broker_down_rows_stay_then_every_message_is_delivered(database: str, names: Names, node_up: Any) -> None:
+    setup = Setup(database, names, broker=node_up.url(), AMQP_OUTBOX_TIMEOUT=2.0,
+                  AMQP_POOLS={"publish": {"size": 1, "connect_timeout": 1.0, "operation_timeout": 2.0},
+                              "listen": {"size": 1}})
+    try:
+        setup.state.start()
+        assert wait_until(lambda: setup.state.relay.running, timeout=5)
+        node_up.stop_app()
+        try:
+            with setup.app.app_context():
+                for transaction in range(10):
+                    for index in range(5):
+                        setup.outbox.publish(setup.exchange, "k", f"{transaction}.{index}", persistent=True)
+                    setup.db.session.commit()
+            gevent.sleep(2.0)  # the publisher and the relay fail meanwhile
+            assert len(setup.rows()) == 50
+            assert setup.state.health()["pending"] == 50
+        finally:
+            node_up.start_app()
+        assert wait_until(lambda: len(set(setup.ids())) >= 50, timeout=40)
+        assert wait_until(lambda: not setup.rows(), timeout=10)
+        assert sorted(set(setup.ids())) == [row_id for row_id in range(1, 51)] or len(set(setup.ids())) == 50
+    finally:
+        setup.close()
+
+
+def _subprocess_env(setup: Setup, database: str, broker: str = BROKER_URL, batch: int = 100) -> dict[str, str]:
+    return {**os.environ, "OUTBOX_DATABASE": database, "OUTBOX_TABLE": setup.table_name, "OUTBOX_BROKER": broker,
+            "OUTBOX_BATCH": str(batch), "PYTHONPATH": str(HERE)}
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+def test_a_worker_killed_after_commit_is_covered_by_another_process_relay(database: str, setup: Setup) -> None:
+    killed = subprocess.run([sys.executable, str(HERE / "_outbox_app.py"), "commit-and-die", setup.exchange, "20"],
+                            env=_subprocess_env(setup, database), capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ids = json.loads(killed.stdout)
+    assert len(ids) == 20 and [row.id for row in setup.rows()] == ids  # committed, not published
+    gevent.sleep(0.3)
+    assert setup.received == []
+    setup.state.start()  # this process's relay
+    assert wait_until(lambda: len(setup.received) >= 20, timeout=10)
+    assert setup.ids() == ids
+    assert wait_until(lambda: not setup.rows(), timeout=5)
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_two_relays_share_1000_rows_without_duplicates(database: str, setup: Setup) -> None:
+    table = setup.outbox.table
+    past = time.time() - 60
+    with setup.engine.begin() as db:  # rows a dead worker left behind
+        db.execute(table.insert(), [{"created": past, "exchange": setup.exchange, "routing_key": "k",
+                                     "body": f"m{i}".encode(), "properties": "{}", "attempts": 0,
+                                     "next_attempt": 0.0, "parked": False} for i in range(1000)])
+    env = _subprocess_env(setup, database, batch=50)
+    relays = [subprocess.Popen([sys.executable, "-m", "flask", "--app", "_outbox_app", "amqp", "outbox", "relay"],
+                               env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    try:
+        assert wait_until(lambda: len(setup.received) >= 1000, timeout=40)
+        assert wait_until(lambda: not setup.rows(), timeout=10)
+        gevent.sleep(0.5)
+    finally:
+        for relay in relays:
+            relay.send_signal(signal.SIGTERM)
+        outputs = [relay.communicate(timeout=30) for relay in relays]
+    ids = setup.ids()
+    assert len(ids) == 1000 and len(set(ids)) == 1000, f"{len(ids) - len(set(ids))} duplicates"
+    relayed = []
+    for relay, (out, err) in zip(relays, outputs, strict=True):
+        assert relay.returncode == 0, err
+        relayed.append(int(out.split("stopped: ")[1].split()[0]))
+    assert sum(relayed) == 1000, relayed
+    print(f"rows relayed by each relay: {relayed}")
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+def test_missing_exchange_is_parked_after_n_attempts_and_the_others_flow(database: str, names: Names) -> None:
+    setup = Setup(database, names, AMQP_OUTBOX_MAX_ATTEMPTS=3, AMQP_OUTBOX_RELAY_DELAY=0.0,
+                  AMQP_OUTBOX_BACKOFF=0.05, AMQP_OUTBOX_BACKOFF_MAX=0.1, AMQP_OUTBOX_RELAY_INTERVAL=0.05)
+    parked: list[dict[str, Any]] = []
+
+    def on_parked(_sender: Any, **kwargs: Any) -> None:
+        parked.append(kwargs)
+
+    outbox_parked.connect(on_parked)
+    missing = names.exchange("missing")
+    try:
+        setup.state.start()
+        with setup.app.app_context():
+            good = [setup.outbox.publish(setup.exchange, "k", b"before")]
+            bad = setup.outbox.publish(missing, "k", b"lost?")
+            good += [setup.outbox.publish(setup.exchange, "k", f"after{i}") for i in range(3)]
+            setup.db.session.commit()
+        assert wait_until(lambda: setup.state.health()["parked"] == 1, timeout=15)
+        assert wait_until(lambda: set(setup.ids()) >= set(good), timeout=5)
+        assert set(setup.ids()) == set(good)  # at least once each; a pipeline with a 404 may repeat one (D23)
+        rows = setup.rows()
+        assert [(row.id, row.parked, row.attempts) for row in rows] == [(bad, True, 3)]
+        assert "NotFound" in rows[0].last_error and missing in rows[0].last_error
+        assert [entry["id"] for entry in parked] == [bad]
+
+        runner = setup.app.test_cli_runner()
+        result = runner.invoke(args=["amqp", "outbox"])
+        assert result.exit_code == 0, result.output
+        assert "0 pending" in result.output and "1 parked" in result.output
+        assert f"parked #{bad} to exchange {missing!r}" in result.output and "NotFound" in result.output
+
+        setup.amqp.exchange_declare(missing, "fanout")  # the cause is fixed
+        setup.amqp.queue_bind(setup.queue, missing)
+        result = runner.invoke(args=["amqp", "outbox", "retry"])
+        assert result.exit_code == 0 and "1 parked message(s) put back" in result.output, result.output
+        assert wait_until(lambda: bad in setup.ids(), timeout=10)
+        assert wait_until(lambda: not setup.rows(), timeout=5)
+    finally:
+        outbox_parked.disconnect(on_parked)
+        setup.close()
+
+
+def test_plain_sqlalchemy_with_a_session_of_its_own(tmp_path: Path, names: Names) -> None:
+    from sqlalchemy.orm import Session
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/plain.db")
+    metadata = sa.MetaData()
+    outbox = Outbox(metadata=metadata, engine=engine)
+    metadata.create_all(engine)
+    app = make_app()
+    AMQP(app)
+    outbox.init_app(app)
+    conn = app.extensions["amqp"].connection()
+    queue = names.queue("plain")
+    conn.queue_declare(queue)
+    try:
+        with app.app_context():
+            with pytest.raises(TypeError, match="session="):
+                outbox.publish("", queue, b"x")
+            with Session(engine) as session:
+                row_id = outbox.publish("", queue, b"plain", session=session)
+                session.commit()
+        assert wait_until(lambda: conn.queue_declare(queue, passive=True)["message_count"] == 1, timeout=5)
+        message = conn.get(queue)
+        assert message is not None and message.body == b"plain" and message["message_id"] == str(row_id)
+    finally:
+        app.extensions["amqp"].close(timeout=5)
+        engine.dispose()
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    from flask_nucleon_amqp import ConfigError
+
+    for key, value in [("AMQP_OUTBOX_BATCH", 0), ("AMQP_OUTBOX_RELAY", "yes"), ("AMQP_OUTBOX_BACKOFF", -1),
+                       ("AMQP_OUTBOX_POOL", "nope"), ("AMQP_OUTBOX_BATCHES", 5)]:
+        db = SQLAlchemy()
+        app = make_app(SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/c.db", **{key: value})
+        db.init_app(app)
+        AMQP(app)
+        with pytest.raises(ConfigError, match=key):
+            Outbox(db, table_name="outbox_config").init_app(app)
+        app.extensions["amqp"].close(timeout=1)
