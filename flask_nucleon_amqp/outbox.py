@@ -116,6 +116,9 @@ _PROPERTY_NAMES = frozenset({
     "message_id", "timestamp", "type", "app_id", "user_id",
 })
 
+#: Seconds the after-commit publisher gathers confirmed rows before deleting them in one statement.
+_DELETE_DELAY = 0.02
+
 #: The session.info key of the messages a transaction wrote.
 _PENDING = "flask_nucleon_amqp.outbox"
 
@@ -416,40 +419,94 @@ def _isolate(conn: PukaConnection, records: list[_Record], outcomes: dict[int, B
 
 
 class _Publisher:
-    """The after-commit publisher of one app in one process: a greenlet fed by commits."""
+    """The after-commit publisher of one app in one process.
+
+    One greenlet publishes what commits hand it, at once and pipelined (it
+    never waits for confirms, so a commit's messages leave without waiting for
+    the previous ones); another deletes the confirmed rows, many per statement.
+    Rows whose publish failed stay for the relay.
+    """
 
     def __init__(self, state: OutboxState) -> None:
         self.state = state
-        self._queue: gevent.queue.SimpleQueue[list[_Record]] = gevent.queue.SimpleQueue()
-        self._greenlet: gevent.Greenlet[Any] | None = None
         self._pid = os.getpid()
+        self._queue: gevent.queue.SimpleQueue[list[_Record]] = gevent.queue.SimpleQueue()
+        self._publisher: gevent.Greenlet[Any] | None = None
+        self._cleaner: gevent.Greenlet[Any] | None = None
+        self._confirmed: list[int] = []
+        self._confirmed_wake = gevent.event.Event()
+        self._in_flight = 0
         self.idle = gevent.event.Event()
         self.idle.set()
 
     def submit(self, records: list[_Record]) -> None:
-        if self._pid != os.getpid():  # forked: the parent's greenlet and queue are not ours
+        if self._pid != os.getpid():  # forked: the parent's greenlets and queue are not ours
             self.__init__(self.state)  # type: ignore[misc]
         self.idle.clear()
+        self._in_flight += len(records)
         self._queue.put(records)
-        if self._greenlet is None or self._greenlet.dead:
-            self._greenlet = gevent.spawn(self._run)
+        if self._publisher is None or self._publisher.dead:
+            self._publisher = gevent.spawn(self._publish_loop)
 
-    def _run(self) -> None:
+    def _publish_loop(self) -> None:
         limit = self.state.settings.batch
         while True:
-            if self._queue.empty():
-                self.idle.set()
             records = self._queue.get()
             while len(records) < limit and not self._queue.empty():
                 records.extend(self._queue.get())
             try:
-                self.state.send(records, by="commit")
-            except Exception:  # noqa: BLE001 - the rows stay; the relay publishes them
-                log.exception("publishing %d outbox messages after commit failed; the relay will retry them",
-                              len(records))
+                conn = self.state.amqp.connection(self.state.settings.pool)
+            except Exception as exc:  # noqa: BLE001 - the rows stay; the relay publishes them
+                for record in records:
+                    self._settled(record.id, exc)
+                continue
+            for record in records:
+                try:
+                    conn.publish(record.exchange, record.routing_key, record.body, timeout=self.state.settings.timeout,
+                                 callback=self._callback(record.id), **record.publish_options())
+                except Exception as exc:  # noqa: BLE001 - as above
+                    self._settled(record.id, exc)
+
+    def _callback(self, record_id: int) -> Callable[[int, Any], None]:
+        return lambda _promise, value: self._settled(record_id, value)
+
+    def _settled(self, record_id: int, value: Any) -> None:
+        if isinstance(value, BaseException):
+            self.state.stats["failed"] += 1
+            log.warning("outbox message %d was not published after its commit (%s); the relay will retry it",
+                        record_id, value)
+        else:
+            self._confirmed.append(record_id)
+            if self._cleaner is None or self._cleaner.dead:
+                self._cleaner = gevent.spawn(self._clean_loop)
+            self._confirmed_wake.set()
+        self._in_flight -= 1
+        self._maybe_idle()
+
+    def _clean_loop(self) -> None:
+        while True:
+            self._confirmed_wake.wait()
+            # Gather the confirms of a short while into one DELETE: fewer commits, and the database call
+            # (blocking with SQLite) stays out of the way of the publishes of the commits that follow.
+            gevent.sleep(_DELETE_DELAY)
+            self._confirmed_wake.clear()
+            ids, self._confirmed = self._confirmed, []
+            if ids:
+                try:
+                    self.state.delete_published(ids, by="commit")
+                except Exception:  # noqa: BLE001 - the rows stay: the relay publishes them again (at least once)
+                    log.exception("deleting %d published outbox rows failed; the relay will publish them again",
+                                  len(ids))
+            self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self._in_flight and not self._confirmed and not self._confirmed_wake.is_set():
+            self.idle.set()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until every committed message was handed to the broker (tests, shutdown)."""
+        """Wait until every committed message was confirmed (or failed) and its row deleted."""
+        if self._pid != os.getpid():
+            return True
         return bool(self.idle.wait(timeout))
 
 
@@ -557,28 +614,16 @@ class OutboxState:
         return self.relay.stop(max(0.0, deadline - time.monotonic())) and idle
 
     # -- publishing --------------------------------------------------------------------------------------
-    def send(self, records: list[_Record], by: str) -> dict[int, BaseException | None]:
-        """Publish committed records and delete the confirmed rows; failed rows stay for the relay."""
-        conn = self.amqp.connection(self.settings.pool)
-        outcomes = _publish_records(conn, records, self.settings.timeout)
-        _isolate(conn, records, outcomes, self.settings.timeout)
-        done = [record_id for record_id, error in outcomes.items() if error is None]
-        if done:
-            table = self.outbox.table
-            with self.engine.begin() as db:
-                if self.skip_locked:  # never wait for a row a relay holds: the relay deals with it
-                    done = list(db.scalars(sa.select(table.c.id).where(table.c.id.in_(done))
-                                           .with_for_update(skip_locked=True)))
-                if done:
-                    db.execute(table.delete().where(table.c.id.in_(done)))
-        self._count_published(done, by)
-        failed = len(outcomes) - len(done)
-        if failed:
-            self.stats["failed"] += failed
-            first = next(error for error in outcomes.values() if error is not None)
-            log.warning("%d of %d outbox messages were not published (%s); the relay will retry them",
-                        failed, len(outcomes), first)
-        return outcomes
+    def delete_published(self, ids: list[int], by: str) -> None:
+        """Delete the rows of confirmed messages (never waiting for a row a relay holds: the relay owns it)."""
+        table = self.outbox.table
+        with self.engine.begin() as db:
+            if self.skip_locked:
+                ids = list(db.scalars(sa.select(table.c.id).where(table.c.id.in_(ids))
+                                      .with_for_update(skip_locked=True)))
+            if ids:
+                db.execute(table.delete().where(table.c.id.in_(ids)))
+        self._count_published(ids, by)
 
     def _count_published(self, ids: list[int], by: str) -> None:
         if not ids:
