@@ -35,6 +35,7 @@ test: venv broker databases  ## run the test suite against the local broker
 bench: venv broker databases  ## run the benchmarks (ratios to raw puka, pika, kombu; then HTTP under gunicorn)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/http_bench.py $(HTTP_BENCH_ARGS)
+	$(PY) bench/outbox_bench.py $(OUTBOX_BENCH_ARGS)
 
 $(LINT_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[lint]'
