@@ -245,6 +245,7 @@ class Outbox:
         self._session = session
         existing = metadata.tables.get(table_name)
         self.table: sa.Table = existing if existing is not None else _make_table(metadata, table_name)
+        self._insert = self.table.insert()  # one statement object: its compiled form is cached
         self._apps: dict[Flask, OutboxState] = {}
         _listen_to_sessions()
         if app is not None:
@@ -310,10 +311,10 @@ class Outbox:
                 raise TypeError("outbox.publish needs session=: this Outbox was made without a default session")
             session = self._session()
         now = time.time()
-        result = session.execute(self.table.insert().values(
-            created=now, exchange=exchange, routing_key=routing_key, body=data,
-            properties=_json.dumps(props, separators=(",", ":")), headers=headers, attempts=0, next_attempt=0.0,
-            parked=False))
+        result = session.execute(self._insert, {
+            "created": now, "exchange": exchange, "routing_key": routing_key, "body": data,
+            "properties": _json.dumps(props, separators=(",", ":")), "headers": headers, "attempts": 0,
+            "next_attempt": 0.0, "parked": False})
         row_id = int(result.inserted_primary_key[0])  # type: ignore[attr-defined]
         record = _Record(row_id, exchange, routing_key, data, props, headers,
                          transaction=session.get_nested_transaction() or session.get_transaction())
@@ -778,6 +779,70 @@ def _database_errors() -> Iterator[None]:
         yield
     except (sa.exc.SQLAlchemyError, AMQPError) as exc:
         raise click.ClickException(_first_line(exc)) from exc
+
+
+# -- Prometheus ------------------------------------------------------------------------------------------
+class OutboxMetrics:
+    """Prometheus metrics of an app's outboxes (made by ``register_metrics`` once ``outbox.init_app`` ran).
+
+    Counters ``amqp_outbox_written_total``, ``amqp_outbox_published_total``
+    (label ``by``: commit or relay) and ``amqp_outbox_parked_total``; gauges
+    ``amqp_outbox_pending`` and ``amqp_outbox_oldest_age_seconds``, read from
+    the database at each scrape. Every metric is labelled with the ``table``.
+    """
+
+    def __init__(self, app: Flask, registry: Any) -> None:
+        from prometheus_client import Counter
+        from prometheus_client.core import GaugeMetricFamily
+
+        self.states: dict[Outbox, OutboxState] = {
+            state.outbox: state for state in app.extensions.get("amqp_outbox", {}).values()}
+        self.written = Counter("amqp_outbox_written", "Outbox messages written", ["table"], registry=registry)
+        self.published = Counter("amqp_outbox_published", "Outbox messages published and confirmed",
+                                 ["table", "by"], registry=registry)
+        self.parked = Counter("amqp_outbox_parked", "Outbox messages parked after their last attempt", ["table"],
+                              registry=registry)
+        states = self.states
+
+        class _Gauges:
+            def collect(self) -> Iterator[Any]:
+                pending = GaugeMetricFamily("amqp_outbox_pending", "Outbox messages not sent yet (not parked)",
+                                            labels=["table"])
+                oldest = GaugeMetricFamily("amqp_outbox_oldest_age_seconds", "Age of the oldest pending message",
+                                           labels=["table"])
+                for state in states.values():
+                    try:
+                        report = state.pending()
+                    except Exception:  # noqa: BLE001 - a scrape reports what it can
+                        continue
+                    pending.add_metric([state.outbox.table.name], report["pending"])
+                    oldest.add_metric([state.outbox.table.name], report["oldest_age"] or 0.0)
+                yield pending
+                yield oldest
+
+        self._gauges = _Gauges()
+        registry.register(self._gauges)
+        outbox_written.connect(self._on_written)
+        outbox_published.connect(self._on_published)
+        outbox_parked.connect(self._on_parked)
+
+    def _table(self, sender: Any) -> str | None:
+        return str(sender.table.name) if sender in self.states else None
+
+    def _on_written(self, sender: Any, **_kwargs: Any) -> None:
+        table = self._table(sender)
+        if table is not None:
+            self.written.labels(table=table).inc()
+
+    def _on_published(self, sender: Any, count: int, by: str, **_kwargs: Any) -> None:
+        table = self._table(sender)
+        if table is not None:
+            self.published.labels(table=table, by=by).inc(count)
+
+    def _on_parked(self, sender: Any, **_kwargs: Any) -> None:
+        table = self._table(sender)
+        if table is not None:
+            self.parked.labels(table=table).inc()
 
 
 # -- `flask amqp outbox` -----------------------------------------------------------------------------------

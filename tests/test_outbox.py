@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import prometheus_client
 import pytest
 import sqlalchemy as sa
 from flask import Flask, current_app, request
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_nucleon_amqp import AMQP, Message
+from flask_nucleon_amqp.metrics import register_metrics
 from flask_nucleon_amqp.outbox import Outbox, OutboxState, outbox_parked, outbox_published, outbox_written
 
 from conftest import BROKER_URL, Names, make_app, wait_until
@@ -221,6 +223,22 @@ def test_broker_down_rows_stay_then_every_message_is_delivered(database: str, na
         setup.close()
 
 
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_close_finishes_publishing_what_was_committed(setup: Setup, names: Names) -> None:
+    with setup.app.app_context():
+        ids = [setup.outbox.publish(setup.exchange, "k", f"m{i}") for i in range(50)]
+        setup.db.session.commit()
+    setup.amqp.close(timeout=10)  # at once: the publisher's messages are confirmed, their rows deleted
+    assert setup.rows() == []
+    checker = make_app()
+    AMQP(checker)
+    try:
+        assert checker.extensions["amqp"].queue_declare(setup.queue, passive=True)["message_count"] + \
+            len(setup.received) == len(ids)
+    finally:
+        checker.extensions["amqp"].close(timeout=5)
+
+
 def _subprocess_env(setup: Setup, database: str, broker: str = BROKER_URL, batch: int = 100) -> dict[str, str]:
     return {**os.environ, "OUTBOX_DATABASE": database, "OUTBOX_TABLE": setup.table_name, "OUTBOX_BROKER": broker,
             "OUTBOX_BATCH": str(batch), "PYTHONPATH": str(HERE)}
@@ -282,6 +300,8 @@ def test_missing_exchange_is_parked_after_n_attempts_and_the_others_flow(databas
 
     outbox_parked.connect(on_parked)
     missing = names.exchange("missing")
+    registry = prometheus_client.CollectorRegistry()
+    register_metrics(setup.app, registry)
     try:
         setup.state.start()
         with setup.app.app_context():
@@ -296,6 +316,10 @@ def test_missing_exchange_is_parked_after_n_attempts_and_the_others_flow(databas
         assert [(row.id, row.parked, row.attempts) for row in rows] == [(bad, True, 3)]
         assert "NotFound" in rows[0].last_error and missing in rows[0].last_error
         assert [entry["id"] for entry in parked] == [bad]
+        metric, labels = registry.get_sample_value, {"table": setup.table_name}
+        assert metric("amqp_outbox_written_total", labels) == 5 and metric("amqp_outbox_parked_total", labels) == 1
+        assert metric("amqp_outbox_pending", labels) == 0
+        assert sum(metric("amqp_outbox_published_total", {**labels, "by": by}) or 0 for by in ("commit", "relay")) >= 4
 
         runner = setup.app.test_cli_runner()
         result = runner.invoke(args=["amqp", "outbox"])
