@@ -652,8 +652,9 @@ class OutboxState:
         with self.engine.begin() as db:
             rows = db.execute(sa.select(table).where(self._due(time.time())).order_by(table.c.id)
                               .limit(self.settings.batch).with_for_update(skip_locked=True)).all()
-            if rows:
-                self._relay_rows(db, rows)
+            broker_error = self._relay_rows(db, rows) if rows else None
+        if broker_error is not None:  # raised after the commit: the rows charged in this batch stay charged
+            raise broker_error
         return len(rows)
 
     def _relay_claimed(self) -> int:
@@ -671,17 +672,24 @@ class OutboxState:
                        .values(claimed_until=now + 2 * self.settings.timeout + 10, claimed_by=token))
         with self.engine.begin() as db:
             rows = db.execute(sa.select(table).where(table.c.claimed_by == token).order_by(table.c.id)).all()
-            if rows:
-                self._relay_rows(db, rows)
+            broker_error = self._relay_rows(db, rows) if rows else None
+        if broker_error is not None:  # raised after the commit, which also gave back the claims
+            raise broker_error
         return len(ids)
 
-    def _relay_rows(self, db: sa.Connection, rows: Iterable[Any]) -> None:
+    def _relay_rows(self, db: sa.Connection, rows: Iterable[Any]) -> BaseException | None:
+        """Publish claimed rows, delete the confirmed, charge the failed; the broker's error, if any."""
         table = self.outbox.table
         records = [_Record(row.id, row.exchange, row.routing_key, row.body, _json.loads(row.properties),
                            row.headers, row.attempts) for row in rows]
-        conn = self.amqp.connection(self.settings.pool)
-        outcomes = _publish_records(conn, records, self.settings.timeout)
-        _isolate(conn, records, outcomes, self.settings.timeout)
+        outcomes: dict[int, BaseException | None]
+        try:
+            conn = self.amqp.connection(self.settings.pool)
+        except AMQPError as exc:  # the broker is unreachable: nothing is charged, the claims are given back
+            outcomes = dict.fromkeys([record.id for record in records], exc)
+        else:
+            outcomes = _publish_records(conn, records, self.settings.timeout)
+            _isolate(conn, records, outcomes, self.settings.timeout)
         done = [record.id for record in records if outcomes[record.id] is None]
         if done:
             db.execute(table.delete().where(table.c.id.in_(done)))
@@ -721,8 +729,7 @@ class OutboxState:
             if outbox_parked.receivers:
                 outbox_parked.send(self.outbox, id=record.id, exchange=record.exchange,
                                    routing_key=record.routing_key, error=error)
-        if broker_error is not None:
-            raise broker_error
+        return broker_error
 
     # -- inspecting ----------------------------------------------------------------------------------------
     def pending(self) -> dict[str, Any]:

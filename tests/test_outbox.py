@@ -195,7 +195,9 @@ def test_1000_messages_in_100_transactions_by_50_greenlets(database: str, names:
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 def test_broker_down_rows_stay_then_every_message_is_delivered(database: str, names: Names, node_up: Any) -> None:
-    setup = Setup(database, names, broker=node_up.url(), AMQP_OUTBOX_TIMEOUT=2.0,
+    # AMQP_OUTBOX_TIMEOUT=30: a relay's SQLite claim lasts 70 s, so every row arriving within the waits below
+    # also shows that a batch failed by the outage gives its claims back.
+    setup = Setup(database, names, broker=node_up.url(), AMQP_OUTBOX_TIMEOUT=30.0,
                   AMQP_POOLS={"publish": {"size": 1, "connect_timeout": 1.0, "operation_timeout": 2.0},
                               "listen": {"size": 1}})
     try:
