@@ -48,6 +48,7 @@ import os
 import signal
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -246,7 +247,7 @@ class Outbox:
         existing = metadata.tables.get(table_name)
         self.table: sa.Table = existing if existing is not None else _make_table(metadata, table_name)
         self._insert = self.table.insert()  # one statement object: its compiled form is cached
-        self._apps: dict[Flask, OutboxState] = {}
+        self._apps: weakref.WeakKeyDictionary[Flask, OutboxState] = weakref.WeakKeyDictionary()
         _listen_to_sessions()
         if app is not None:
             self.init_app(app)
@@ -265,11 +266,11 @@ class Outbox:
         settings = OutboxSettings.from_config(app.config)
         if settings.pool not in state.pools:
             raise ConfigError("AMQP_OUTBOX_POOL", f"no pool named {settings.pool!r}; pools: {sorted(state.pools)}")
-        outbox_state = OutboxState(self, app, settings)
-        self._apps[app] = outbox_state
         outboxes = app.extensions.setdefault("amqp_outbox", {})
         if self.table.name in outboxes:
             raise RuntimeError(f"an outbox on table {self.table.name!r} is already set up on this app")
+        outbox_state = OutboxState(self, app, settings)
+        self._apps[app] = outbox_state
         outboxes[self.table.name] = outbox_state
         if state.lifecycle is not None:
             state.lifecycle.services.append(outbox_state)  # started and stopped with the listeners
@@ -576,7 +577,7 @@ class OutboxState:
 
     def __init__(self, outbox: Outbox, app: Flask, settings: OutboxSettings) -> None:
         self.outbox = outbox
-        self.app = app
+        self._app = weakref.ref(app)  # the app holds this state (app.extensions): no cycle through the outbox
         self.settings = settings
         self.stats = {"written": 0, "published": 0, "failed": 0, "parked": 0}
         self.publisher = _Publisher(self)
@@ -586,6 +587,13 @@ class OutboxState:
 
     def __repr__(self) -> str:
         return f"<OutboxState app={self.app.name!r} table={self.outbox.table.name!r}>"
+
+    @property
+    def app(self) -> Flask:
+        app = self._app()
+        if app is None:
+            raise RuntimeError("the app of this outbox state is gone")
+        return app
 
     @property
     def amqp(self) -> AMQPState:
