@@ -49,6 +49,7 @@ import signal
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,7 +59,6 @@ import click
 import gevent
 import gevent.event
 import gevent.lock
-import gevent.queue
 from blinker import Namespace
 from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup, with_appcontext
@@ -69,6 +69,7 @@ from ._base import _properties
 from .config import _bool, _positive_int, _seconds, _text
 from .exceptions import AMQPError, ChannelError, ConfigError, PublishNacked, Timeout
 from .message import _NOTHING, encode_body
+from .runtime import Runtime, in_hub
 
 try:
     import sqlalchemy as sa
@@ -216,6 +217,8 @@ def _make_table(metadata: sa.MetaData, name: str) -> sa.Table:
         sa.Column("claimed_until", sa.Double, nullable=True, doc="lease of a relay (databases without SKIP LOCKED)"),
         sa.Column("claimed_by", sa.String(36), nullable=True),
         sa.Index(f"ix_{name}_parked_id", "parked", "id"),
+        # Row ids are message ids: never reuse one after its row was deleted (SQLite's rowid would).
+        sqlite_autoincrement=True,
     )
 
 
@@ -351,7 +354,11 @@ def _after_commit(session: Session) -> None:
         record.transaction = None
         by_state.setdefault(state, []).append(record)
     for state, records in by_state.items():
-        state.publisher.submit(records)
+        runtime = state.amqp.runtime  # the publisher lives where the connections do (see runtime.py)
+        if runtime.is_home():
+            state.publisher.submit(records)
+        else:
+            runtime.submit(state.publisher.submit, records)
 
 
 def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
@@ -432,7 +439,10 @@ class _Publisher:
     def __init__(self, state: OutboxState) -> None:
         self.state = state
         self._pid = os.getpid()
-        self._queue: gevent.queue.SimpleQueue[list[_Record]] = gevent.queue.SimpleQueue()
+        # A deque and an Event (which binds to a hub at its first wait, in the home hub): gevent's queues
+        # bind to the hub of the thread that makes them, and this object may be made in another thread.
+        self._queue: deque[list[_Record]] = deque()
+        self._wake = gevent.event.Event()
         self._publisher: gevent.Greenlet[Any] | None = None
         self._cleaner: gevent.Greenlet[Any] | None = None
         self._confirmed: list[int] = []
@@ -446,28 +456,35 @@ class _Publisher:
             self.__init__(self.state)  # type: ignore[misc]
         self.idle.clear()
         self._in_flight += len(records)
-        self._queue.put(records)
+        self._queue.append(records)
+        self._wake.set()
         if self._publisher is None or self._publisher.dead:
             self._publisher = gevent.spawn(self._publish_loop)
 
     def _publish_loop(self) -> None:
         limit = self.state.settings.batch
         while True:
-            records = self._queue.get()
-            while len(records) < limit and not self._queue.empty():
-                records.extend(self._queue.get())
-            try:
-                conn = self.state.amqp.connection(self.state.settings.pool)
-            except Exception as exc:  # noqa: BLE001 - the rows stay; the relay publishes them
-                for record in records:
-                    self._settled(record.id, exc)
-                continue
+            self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                records = self._queue.popleft()
+                while len(records) < limit and self._queue:
+                    records.extend(self._queue.popleft())
+                self._publish(records)
+
+    def _publish(self, records: list[_Record]) -> None:
+        try:
+            conn = self.state.amqp.connection(self.state.settings.pool)
+        except Exception as exc:  # noqa: BLE001 - the rows stay; the relay publishes them
             for record in records:
-                try:
-                    conn.publish(record.exchange, record.routing_key, record.body, timeout=self.state.settings.timeout,
-                                 callback=self._callback(record.id), **record.publish_options())
-                except Exception as exc:  # noqa: BLE001 - as above
-                    self._settled(record.id, exc)
+                self._settled(record.id, exc)
+            return
+        for record in records:
+            try:
+                conn.publish(record.exchange, record.routing_key, record.body, timeout=self.state.settings.timeout,
+                             callback=self._callback(record.id), **record.publish_options())
+            except Exception as exc:  # noqa: BLE001 - as above
+                self._settled(record.id, exc)
 
     def _callback(self, record_id: int) -> Callable[[int, Any], None]:
         return lambda _promise, value: self._settled(record_id, value)
@@ -530,8 +547,13 @@ class Relay:
     def running(self) -> bool:
         return self._greenlet is not None and not self._greenlet.dead and self._pid == os.getpid()
 
+    @property
+    def runtime(self) -> Runtime:
+        return self.state.amqp.runtime
+
+    @in_hub
     def start(self) -> None:
-        """Start the relay greenlet (idempotent)."""
+        """Start the relay greenlet (idempotent), in the hub of the app's connections."""
         if self._pid != os.getpid():
             self.__init__(self.state)  # type: ignore[misc]
         if self.running:
@@ -540,6 +562,7 @@ class Relay:
         self.started = True
         self._greenlet = gevent.spawn(self._run)
 
+    @in_hub
     def stop(self, timeout: float | None = None) -> bool:
         """Let the batch in flight finish (up to ``timeout``), then stop; True when it stopped in time."""
         if not self.running:
@@ -616,6 +639,11 @@ class OutboxState:
         if self.settings.relay:
             self.relay.start()
 
+    @property
+    def runtime(self) -> Runtime:
+        return self.amqp.runtime
+
+    @in_hub
     def stop(self, timeout: float | None = None) -> bool:
         """Finish publishing what was committed, then stop the relay."""
         deadline = time.monotonic() + (self.settings.timeout if timeout is None else timeout)
@@ -642,6 +670,7 @@ class OutboxState:
             outbox_published.send(self.outbox, count=len(ids), ids=ids, by=by)
 
     # -- relaying ----------------------------------------------------------------------------------------
+    @in_hub
     def relay_once(self) -> int:
         """Publish one batch of rows left unsent, oldest first; the number of rows taken."""
         with self._lock:

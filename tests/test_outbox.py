@@ -135,6 +135,11 @@ def test_commit_publishes_once_promptly_and_rollback_never(setup: Setup) -> None
     health = setup.amqp.health()["outbox"]
     assert health["ok"] and health["pending"] == 0 and health["oldest_age"] is None
     assert setup.amqp.stats()["outbox"]["written"] == 4
+    with setup.app.app_context():  # the table is empty now: a new row must still get a new id (message_id)
+        third = setup.outbox.publish(setup.exchange, "k", b"three")
+        setup.db.session.commit()
+    assert third > second
+    assert wait_until(lambda: len(setup.received) == 3, timeout=5) and setup.ids()[-1] == third
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
@@ -472,3 +477,31 @@ def test_example_app_logged_message_goes_through_the_outbox(tmp_path: Path, name
             assert db.session.execute(sa.select(sa.func.count()).select_from(chat_log)).scalar() == 1
     finally:
         state.close(timeout=5)
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_commits_in_os_threads_are_published_by_the_hub_thread(database: str, names: Names) -> None:
+    """AMQP_RUNTIME="thread" (flask run, gunicorn gthread): commits in OS threads, connections in the hub thread."""
+    import threading
+
+    setup = Setup(database, names, AMQP_RUNTIME="thread", AMQP_OUTBOX_RELAY_DELAY=5.0)
+    try:
+        assert setup.amqp.runtime.mode == "thread"
+        setup.state.start()  # the relay too runs in the hub thread
+
+        def commit(number: int) -> None:
+            with setup.app.app_context():
+                for index in range(5):
+                    setup.outbox.publish(setup.exchange, "k", f"{number}.{index}")
+                setup.db.session.commit()
+
+        threads = [threading.Thread(target=commit, args=(number,)) for number in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert wait_until(lambda: len(setup.received) >= 20, timeout=10)
+        assert len(set(setup.ids())) == 20, " ".join(f"{m['message_id']}={m.body.decode()}" for m in setup.received)
+        assert wait_until(lambda: not setup.rows(), timeout=5)
+    finally:
+        setup.close()
