@@ -25,11 +25,13 @@ from flask_nucleon_amqp import (
     MessageStateError,
     NotFound,
     PukaConnection,
+    _memory_broker,
     memory,
     signals,
 )
+from flask_nucleon_amqp._memory_broker import _erlang_equal, _headers_match, _topic_match, _words
 from flask_nucleon_amqp.config import read_config
-from flask_nucleon_amqp.memory import MemoryConnection, _erlang_equal, _headers_match, _topic_match, _words
+from flask_nucleon_amqp.memory import MemoryConnection
 
 from conftest import BROKER_URL, make_app, outcome, wait_until
 
@@ -102,13 +104,13 @@ def test_reset_empties_the_broker_and_connections_stay_usable(state: AMQPState, 
         conn.publish("x", "", b"after")
     conn.queue_declare("q")  # the same connection goes on
     assert conn.queue_declare("q", passive=True)["message_count"] == 0
-    assert broker_name in memory._brokers  # kept: connections are attached to it
+    assert broker_name in _memory_broker._brokers  # kept: connections are attached to it
 
 
 def test_reset_forgets_a_broker_nobody_uses(broker_name: str) -> None:
     memory.broker(broker_name).exchanges["left-over"] = memory.broker(broker_name).exchanges["amq.direct"]
     memory.reset(broker_name)
-    assert broker_name not in memory._brokers
+    assert broker_name not in _memory_broker._brokers
     assert "left-over" not in memory.broker(broker_name).exchanges
 
 
