@@ -558,6 +558,18 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         """A consume without callback: the first message, or None after ``timeout``."""
         raise NotImplementedError
 
+    def _one_shot_result(self, consumer: _ConsumerT, session: _SessionT, timeout: float | None) -> Message | None:
+        """Wait for the message of a one-shot consume: the message, None after ``timeout``, or raise."""
+        message = consumer.box.wait(timeout)
+        if isinstance(message, BaseException):
+            raise message
+        if isinstance(message, Message):
+            return message
+        if not session.usable:
+            raise ConnectionLost(f"connection lost while consuming from {consumer.queue!r}",
+                                 session.node.host, session.node.port)
+        return None
+
     def _hand_over(self, consumer: _ConsumerT, message: Message) -> None:
         """A delivery for ``consumer``: to the waiting one-shot consume, or to the callback greenlet.
 

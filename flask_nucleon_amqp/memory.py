@@ -41,17 +41,15 @@ from . import _puka
 from ._base import _REPLY_TO, BaseConnection, _check_prefetch, _check_timeout, _promise_ids, _Publish
 from ._memory_broker import (
     MemoryBroker,
-    _ConnectionFatal,
     _Delivery,
-    _Envelope,
     _MemoryConsumer,
     _MemorySession,
     _Queue,
-    _wire,
     broker,
     find,
     reset,
 )
+from ._memory_routing import _ConnectionFatal, _Envelope, _wire
 from .config import PoolSettings
 from .exceptions import AMQPError, ConnectionError, ConnectionLost, MessageStateError
 from .message import Message
@@ -299,15 +297,7 @@ class MemoryConnection(BaseConnection[_MemoryConsumer, _MemorySession]):
         self._on_broker(session, lambda: self._start_consumer(consumer, session))
         try:
             self._round_trip()
-            message = consumer.box.wait(timeout)
-            if isinstance(message, BaseException):
-                raise message
-            if isinstance(message, Message):
-                return message
-            if not session.alive:
-                raise ConnectionLost(f"connection lost while consuming from {queue!r}", self._node.host,
-                                     self._node.port)
-            return None
+            return self._one_shot_result(consumer, session, timeout)
         finally:
             if not consumer.cancelled:
                 consumer.cancelled = True

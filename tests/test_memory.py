@@ -29,7 +29,7 @@ from flask_nucleon_amqp import (
     memory,
     signals,
 )
-from flask_nucleon_amqp._memory_broker import _erlang_equal, _headers_match, _topic_match, _words
+from flask_nucleon_amqp._memory_routing import _erlang_equal, _headers_match, _topic_match, _words
 from flask_nucleon_amqp.config import read_config
 from flask_nucleon_amqp.memory import MemoryConnection
 
