@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.select
@@ -55,7 +55,7 @@ from .exceptions import (
     error_from_reply,
 )
 from .message import Message
-from .protocol import Callback, MessageHandler
+from .protocol import Callback, Connection, MessageHandler
 
 __all__ = ["PukaConnection", "Callback"]
 
@@ -588,3 +588,8 @@ def _is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+if TYPE_CHECKING:
+    def _keeps_the_contract(conn: PukaConnection) -> Connection:
+        return conn  # mypy checks here that PukaConnection implements the Connection protocol

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 
@@ -53,7 +53,7 @@ from ._memory_routing import _ConnectionFatal, _Envelope, _wire
 from .config import PoolSettings
 from .exceptions import AMQPError, ConnectionError, ConnectionLost, MessageStateError
 from .message import Message
-from .protocol import Callback, MessageHandler
+from .protocol import Callback, Connection, MessageHandler
 
 __all__ = ["MemoryBroker", "MemoryConnection", "broker", "find", "reset"]
 
@@ -221,6 +221,9 @@ class MemoryConnection(BaseConnection[_MemoryConsumer, _MemorySession]):
         session = self._live_session()
         if self.blocked_reason is not None:
             self._wait_unblocked()
+            if not session.alive:  # lost while blocked: the message never left (retry= publishes it again)
+                raise ConnectionLost(f"connection to {self.settings.safe_url()} lost before the publish was sent",
+                                     self._node.host, self._node.port)
         started = time.monotonic()
         self._published(message.context, message.data, message.properties)
         error = self._on_broker(session, lambda: session.broker.publish(
@@ -432,3 +435,8 @@ class MemoryConnection(BaseConnection[_MemoryConsumer, _MemorySession]):
         self._arrived = 0
         if self._arrival is not None:
             self._arrival.stop()
+
+
+if TYPE_CHECKING:
+    def _keeps_the_contract(conn: MemoryConnection) -> Connection:
+        return conn  # mypy checks here that MemoryConnection implements the Connection protocol

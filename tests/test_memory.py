@@ -234,6 +234,26 @@ def test_on_open_hooks_run_on_every_open(state: AMQPState, broker_name: str) -> 
     assert conn.queue_declare("declared-on-open", passive=True)["queue"] == "declared-on-open"
 
 
+def test_retry_publishes_again_when_the_connection_is_lost(broker_name: str) -> None:
+    """As on RabbitMQ (tests/test_connection.py): a lost publish is reported, and ``retry=`` sends it again."""
+    app = _memory_app(broker_name, publish={"size": 1, "blocked_timeout": 10})
+    conn = app.extensions["amqp"].connection()
+    conn.queue_declare("q")
+    broker = memory.broker(broker_name)
+    broker.block("disk alarm")  # holds both publishes until the connection is gone
+    without_retry = gevent.spawn(outcome, conn.publish, "", "q", b"lost with its connection")
+    with_retry = gevent.spawn(outcome, conn.publish, "", "q", b"retried", retry=1)
+    gevent.sleep(0.05)
+    broker.disconnect("broker restart", connection=conn)
+    assert isinstance(without_retry.get(timeout=5), ConnectionLost)
+    gevent.sleep(0.05)
+    assert not with_retry.ready()  # published again on the new connection, which the alarm holds too
+    broker.unblock()
+    assert with_retry.get(timeout=5) is None
+    assert [m.body for m in iter(lambda: conn.get("q", no_ack=True), None)] == [b"retried"]
+    app.extensions["amqp"].close(timeout=5)
+
+
 def test_block_holds_publishers_until_unblock(state: AMQPState, broker_name: str) -> None:
     conn = state.connection()
     conn.queue_declare("q")
