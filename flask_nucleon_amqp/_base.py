@@ -12,6 +12,10 @@ contract wherever it does not depend on how frames reach the broker:
 * on_open hooks, the consumers resumed after a reopen, recovery with back-off;
 * the nine topology methods; request / reply over direct reply-to.
 
+A received message's ``_context`` has one shape on every transport:
+``(session, channel, handle, no_ack)``, where ``handle`` is what the transport
+settles with (puka's promise number, the memory broker's delivery).
+
 A transport subclass supplies sessions and I/O through small hooks, each
 named for what it does: ``_live_session``, ``_send_publish``,
 ``_publish_and_wait``, ``_send_topology``, ``_subscribe``, ``_resume_consumer``,
@@ -27,7 +31,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -209,7 +213,7 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
     def _after_open(self, session: _SessionT) -> None:
         for hook in list(self.on_open):
             try:
-                hook(self)  # type: ignore[arg-type]  # BaseConnection is a Connection only in its subclasses
+                hook(cast(Connection, self))  # every transport subclass keeps the contract (mypy checks it there)
             except Exception:  # noqa: BLE001
                 # Consumers still resume; a missing queue then shows as their own error.
                 self._log.exception("on_open hook %r failed on %r", hook, self)
