@@ -802,8 +802,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         if promise is not None and promise.refcnt > 0:
             promise.refcnt_dec()
 
-    def on_deliveries(self, number: int, handler: Callable[[Any, Any], None]) -> None:
-        """Run ``handler(channel, frame)`` for each delivery of consumer ``number``.
+    def on_deliveries(self, number: int, handler: Callable[[Any, int, Any], None]) -> None:
+        """Run ``handler(channel, promise_number, frame)`` for each delivery of consumer ``number``.
 
         Straight from the I/O greenlet: puka's ready-set and refcount are skipped (we settle on the channel).
         """
@@ -811,7 +811,7 @@ class FixedClient(puka.Client):  # type: ignore[misc]
 
         def deliver(promise: Any, result: Any) -> None:
             promise.register(deliver_method, deliver)
-            handler(promise.channel, result)
+            handler(promise.channel, promise.number, result)
 
         self.promises.by_number(number).register(deliver_method, deliver)
 

@@ -333,7 +333,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             [item], prefetch_count=consumer.prefetch_count, no_ack=broker_no_ack,
             callback=lambda number, result: self._on_consumer_event(consumer, session, number, started, result))
         consumer.session, consumer.puka_number = session, number
-        client.on_deliveries(number, lambda channel, frame: self._on_delivery(consumer, session, channel, frame))
+        client.on_deliveries(number, partial(self._on_delivery, consumer, session))
 
         def consume_ok() -> None:
             if not started.ready():
@@ -368,10 +368,11 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             if self._consumers.pop(consumer.promise, None) is not None:
                 log.error("consumer on %r stopped: %s", consumer.queue, error)
 
-    def _on_delivery(self, consumer: _PukaConsumer, session: _PukaSession, channel: Any, frame: Any) -> None:
+    def _on_delivery(self, consumer: _PukaConsumer, session: _PukaSession, channel: Any, number: int,
+                     frame: Any) -> None:
         """Runs in the I/O greenlet for each delivery of a consumer."""
         no_ack = consumer.no_ack and consumer.callback is not None
-        message = Message.from_frame(frame, self, (session, channel, consumer.puka_number, no_ack))
+        message = Message.from_frame(frame, self, (session, channel, number, no_ack))
         if not no_ack:
             session.delivered(channel, frame["delivery_tag"])
         if consumer.callback is None:  # the one-shot consumer of a synchronous consume
