@@ -309,7 +309,8 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
                 limit = self._limit(timeout)
                 outcome = box.wait(limit)
                 if outcome is None and not box.ready():
-                    raise Timeout(f"{what} on {self.settings.safe_url()} got no answer within {limit:g}s")
+                    node = self._session.node if self._session is not None else None
+                    raise Timeout(f"{what} on {self.settings.safe_url(node)} got no answer within {limit:g}s")
             finally:
                 self._end()
             if isinstance(outcome, BaseException):
@@ -322,7 +323,11 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             self._end()
             self._dispatch(callback, promise, outcome)
 
-        start(done)
+        try:
+            start(done)
+        except BaseException:
+            self._end()  # never sent: nothing will call done()
+            raise
         return promise
 
     def _begin(self) -> None:

@@ -388,6 +388,15 @@ def test_timeout_and_retry_are_honoured_or_refused_by_name(c: Any, n: AMQPNames)
     assert _count(c, queue) == 1
 
 
+def test_an_operation_that_cannot_be_sent_leaves_nothing_pending(c: Any, n: AMQPNames) -> None:
+    c.close(timeout=5)
+    with pytest.raises(ConnectionError, match="was closed"):
+        c.queue_declare(n.queue(), callback=lambda p, r: None)
+    with pytest.raises(ConnectionError, match="was closed"):
+        c.queue_declare(n.queue())
+    assert c.pending == 0
+
+
 def test_mandatory_returns(c: Any, n: AMQPNames) -> None:
     exchange, queue = n.exchange(), n.queue()
     c.exchange_declare(exchange, "direct")
