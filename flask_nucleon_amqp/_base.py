@@ -413,7 +413,7 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         routing_key_b = _puka.shortstr(routing_key, "routing_key")
         if "headers" in properties:
             _puka.encode_table(properties["headers"], "headers")  # raise here, naming the header (D7, D8)
-        if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+        if retry and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
             raise ValueError(f"retry must be a non-negative integer, got {retry!r}")
         message = _Publish(exchange_b, routing_key_b, data, properties, mandatory,
                            {"exchange": exchange, "routing_key": routing_key})

@@ -251,7 +251,8 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             self._dispatch(callback, promise, value)
 
         session.client.publish(message.exchange, message.routing_key, message.data, message.properties,
-                               message.mandatory, confirmed, started + self._limit(timeout))
+                               message.mandatory, confirmed,
+                               started + (self.settings.operation_timeout if timeout is None else timeout))
         session.schedule_flush()
         self._published(context, message.data, message.properties)
         return promise
