@@ -80,7 +80,7 @@ except ImportError as exc:  # pragma: no cover - depends on the extra being inst
                       "pip install flask-nucleon-amqp[sqlalchemy]") from exc
 
 if TYPE_CHECKING:
-    from .connection import PukaConnection
+    from .protocol import Connection
     from .extension import AMQPState
 
 __all__ = ["Outbox", "OutboxState", "Relay", "outbox_written", "outbox_published", "outbox_parked", "CONFIG_KEYS"]
@@ -385,7 +385,7 @@ def _after_transaction_end(session: Session, transaction: Any) -> None:
 
 
 # -- publishing rows -------------------------------------------------------------------------------------
-def _publish_records(conn: PukaConnection, records: list[_Record], timeout: float) -> dict[int, BaseException | None]:
+def _publish_records(conn: Connection, records: list[_Record], timeout: float) -> dict[int, BaseException | None]:
     """Publish records pipelined on one connection, in order; each id's outcome (None: confirmed)."""
     outcomes: dict[int, BaseException | None] = {}
     done = gevent.event.Event()
@@ -411,7 +411,7 @@ def _publish_records(conn: PukaConnection, records: list[_Record], timeout: floa
     return outcomes
 
 
-def _isolate(conn: PukaConnection, records: list[_Record], outcomes: dict[int, BaseException | None],
+def _isolate(conn: Connection, records: list[_Record], outcomes: dict[int, BaseException | None],
              timeout: float) -> None:
     """Publish again, one at a time, records a neighbour's channel error may have failed (puka D23)."""
     failed = [r for r in records if isinstance(outcomes[r.id], _MESSAGE_ERRORS)]
