@@ -80,8 +80,8 @@ except ImportError as exc:  # pragma: no cover - depends on the extra being inst
                       "pip install flask-nucleon-amqp[sqlalchemy]") from exc
 
 if TYPE_CHECKING:
-    from .protocol import Connection
     from .extension import AMQPState
+    from .protocol import Connection
 
 __all__ = ["Outbox", "OutboxState", "Relay", "outbox_written", "outbox_published", "outbox_parked", "CONFIG_KEYS"]
 
