@@ -62,10 +62,10 @@ import gevent.lock
 from blinker import Namespace
 from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup, with_appcontext
-from puka import table as puka_table
 
 from . import _puka
 from ._base import _properties
+from ._memory_routing import _decode_table
 from .config import _bool, _positive_int, _seconds, _text
 from .exceptions import AMQPError, ChannelError, ConfigError, PublishNacked, Timeout
 from .message import _NOTHING, encode_body
@@ -169,7 +169,7 @@ class _Record:
         options = dict(self.properties)
         options.setdefault("message_id", str(self.id))
         if self.headers:
-            options["headers"] = puka_table.decode(self.headers, 0)[0]
+            options["headers"] = _decode_table(self.headers)
         return options
 
 
