@@ -56,6 +56,12 @@ class AMQPMetrics:
             self._listen(name, counter)
         self._listen("connection_blocked", None)
         self._listen("connection_unblocked", None)
+        #: The outbox's metrics when the app has one (call register_metrics after outbox.init_app).
+        self.outbox: Any = None
+        if app.extensions.get("amqp_outbox"):
+            from .outbox import OutboxMetrics
+
+            self.outbox = OutboxMetrics(app, registry)
 
     def _pool_of(self, sender: Any) -> str | None:
         pool = getattr(getattr(sender, "settings", None), "name", None)
