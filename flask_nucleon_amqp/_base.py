@@ -22,6 +22,7 @@ import gevent
 from gevent.event import AsyncResult, Event
 
 from . import _puka, signals
+from . import tracing as _tracing
 from .config import PoolSettings
 from .exceptions import ConnectionBlocked, MessageStateError, Timeout
 from .message import _NOTHING, Message, encode_body
@@ -160,6 +161,9 @@ class BaseConnection(Generic[_ConsumerT]):
                     pass
             return
         assert consumer.callback is not None
+        if _tracing.ON:  # tracing hook D1: the callback runs in a process span
+            _tracing.process(consumer.queue, message, consumer.callback, consumer.promise, message)
+            return
         consumer.callback(consumer.promise, message)
 
     # -- settling -------------------------------------------------------------------------------------
@@ -169,6 +173,8 @@ class BaseConnection(Generic[_ConsumerT]):
         ``quiet`` settles a message the application never saw: not counted, not signalled.
         """
         self._send_settle(message, action, requeue)
+        if _tracing.processing:  # tracing hook S1: the outcome of a message in a process span
+            _tracing.settled(message, action, requeue)
         if quiet:
             return
         if action == "ack":
@@ -232,16 +238,24 @@ class BaseConnection(Generic[_ConsumerT]):
             data = encode_body(body, json, props)
             if headers:
                 props["headers"] = headers
-            self._send_request(reply_channel, exchange, routing_key, data, props)
-            reply = box.wait(limit)
-            if reply is None and not box.ready():
-                raise Timeout(f"no reply to {exchange!r}/{routing_key!r} within {limit:g}s")
-            if isinstance(reply, BaseException):
-                raise reply
-            assert isinstance(reply, Message)
-            return reply
+            span = _tracing.start_publish(self, exchange, routing_key, props, data, "call") if _tracing.ON else None
+            if span is not None:  # tracing hook C1: the span lasts until the reply (or the error)
+                return _tracing.traced_publish(span, self._request, reply_channel, exchange, routing_key, data,
+                                               props, box, limit)
+            return self._request(reply_channel, exchange, routing_key, data, props, box, limit)
         finally:
             self._replies.pop(correlation_id, None)
+
+    def _request(self, reply_channel: int | None, exchange: str, routing_key: str, data: bytes,
+                 properties: dict[str, Any], box: AsyncResult, limit: float) -> Message:
+        self._send_request(reply_channel, exchange, routing_key, data, properties)
+        reply = box.wait(limit)
+        if reply is None and not box.ready():
+            raise Timeout(f"no reply to {exchange!r}/{routing_key!r} within {limit:g}s")
+        if isinstance(reply, BaseException):
+            raise reply
+        assert isinstance(reply, Message)
+        return reply
 
     def _reply_channel(self, timeout: float) -> int | None:
         """Start this connection's reply-to consumer if it has none; the channel a request goes on."""

@@ -35,6 +35,7 @@ from gevent.hub import Waiter
 from puka import spec as puka_spec
 
 from . import _puka, signals
+from . import tracing as _tracing
 from ._base import (
     _EXCHANGE_TYPES,
     _REPLY_TO,
@@ -730,16 +731,14 @@ class PukaConnection(BaseConnection[_Consumer]):
             _puka.encode_table(properties["headers"], "headers")  # raise here, naming the header (D7, D8)
         context = {"exchange": exchange, "routing_key": routing_key}
         if callback is None:
-            for attempt in range(retry):
-                try:
-                    return self._publish_and_wait(exchange_b, routing_key_b, data, properties, mandatory,
-                                                  timeout, context)
-                except ConnectionLost as exc:
-                    log.warning("publish to %r failed (%s); retrying on a new connection (%d of %d)",
-                                exchange, exc, attempt + 1, retry)
-            return self._publish_and_wait(exchange_b, routing_key_b, data, properties, mandatory, timeout, context)
+            if _tracing.ON and (span := _tracing.start_publish(self, exchange, routing_key, properties, data)):
+                return _tracing.traced_publish(span, self._publish_retrying, exchange_b, routing_key_b, data,
+                                               properties, mandatory, timeout, context, retry)  # tracing hook P1
+            return self._publish_retrying(exchange_b, routing_key_b, data, properties, mandatory, timeout, context,
+                                          retry)
         session = self._live_session()
         self._wait_for_room(session)
+        span = _tracing.start_publish(self, exchange, routing_key, properties, data) if _tracing.ON else None  # P2
         user_callback = callback
         promise = next(_promise_ids)
         self._begin()
@@ -748,6 +747,8 @@ class PukaConnection(BaseConnection[_Consumer]):
         def confirmed(result: Any) -> None:
             self._end()
             value: Any = self._publish_outcome(result, session, context, started)
+            if span is not None:
+                _tracing.end_publish(span, value)  # tracing hook P3
             self._dispatch(user_callback, promise, value)
 
         limit = self.settings.operation_timeout if timeout is None else timeout
@@ -757,6 +758,17 @@ class PukaConnection(BaseConnection[_Consumer]):
         return promise
 
     basic_publish = publish
+
+    def _publish_retrying(self, exchange: bytes, routing_key: bytes, data: bytes, properties: dict[str, Any],
+                          mandatory: bool, timeout: float | None, context: dict[str, str], retry: int) -> None:
+        """A synchronous publish, again on a new connection up to ``retry`` times when the connection died."""
+        for attempt in range(retry):
+            try:
+                return self._publish_and_wait(exchange, routing_key, data, properties, mandatory, timeout, context)
+            except ConnectionLost as exc:
+                log.warning("publish to %r failed (%s); retrying on a new connection (%d of %d)",
+                            context["exchange"], exc, attempt + 1, retry)
+        return self._publish_and_wait(exchange, routing_key, data, properties, mandatory, timeout, context)
 
     def _publish_and_wait(self, exchange: bytes, routing_key: bytes, data: bytes, properties: dict[str, Any],
                           mandatory: bool, timeout: float | None, context: dict[str, str]) -> None:

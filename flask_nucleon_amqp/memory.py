@@ -44,6 +44,7 @@ import gevent
 from puka import table as puka_table
 
 from . import _puka, signals
+from . import tracing as _tracing
 from ._base import (
     _EXCHANGE_TYPES,
     _REPLY_TO,
@@ -1263,11 +1264,16 @@ class MemoryConnection(BaseConnection[_Consumer]):
         session = self._live_session()
         if self.blocked_reason is not None:
             self._wait_unblocked()
+        span = _tracing.start_publish(self, exchange, routing_key, properties, data) if _tracing.ON else None  # P2
+        if span is not None:
+            wire = self._wire_properties(properties)
         started = time.monotonic()
         self._published(context, data, properties)
         error = self._run(session, lambda: session.broker.publish(session, exchange, routing_key, data, wire,
                                                                   mandatory))
         outcome = self._publish_outcome(error, context, started)
+        if span is not None:
+            _tracing.end_publish(span, outcome)  # tracing hook P3
         if callback is not None:
             promise = next(_promise_ids)
             self._dispatch(callback, promise, outcome)
