@@ -7,6 +7,8 @@ globally: the rest of the suite runs with no tracer provider, as most users do.
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -26,7 +28,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 from flask_nucleon_amqp import AMQP, AMQPState, Message, NotFound, PukaConnection, Unroutable, tracing
 from flask_nucleon_amqp.cli import amqp_cli
 
-from conftest import BROKER_HOST, BROKER_PORT, Names, make_app, wait_until
+from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, make_app, wait_until
+
+TESTS = Path(__file__).parent
 
 
 @pytest.fixture
@@ -329,3 +333,59 @@ def test_without_opentelemetry_installed_nothing_is_imported_or_added(names: Nam
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "False {'a': 1} []"
+
+
+def test_one_trace_from_a_gunicorn_request_to_a_listener_in_another_process(
+        names: Names, state: AMQPState, tmp_path: Path) -> None:
+    """POST /messages in a gunicorn worker, the listener in `flask amqp listen`: spans from both, one trace."""
+    from _traced_app import read, render
+    from test_gunicorn import _env, _gunicorn, _http
+
+    prefix, room, dead = f"test-tchat-{names.run}", names.exchange("room"), names.exchange("dead")
+    names.queues += [f"{prefix}.listener.bob", f"{prefix}.inbox.bob", f"{prefix}.listener.alice",
+                     f"{prefix}.inbox.alice"]
+    settings = tmp_path / "chat.cfg"
+    settings.write_text(f"AMQP_URL = {BROKER_URL!r}\nCHAT_ROOM = {room!r}\nCHAT_USERS = ['alice', 'bob']\n"
+                        f"CHAT_PREFIX = {prefix!r}\nCHAT_DEAD_LETTER_EXCHANGE = {dead!r}\nAMQP_TOPOLOGY = {{}}\n"
+                        "AMQP_START_LISTENERS = False\n")
+    web_spans, listen_spans = tmp_path / "web.jsonl", tmp_path / "listen.jsonl"
+    app_ref = "_traced_app:create_app()"
+    declared = subprocess.run([sys.executable, "-m", "flask", "--app", app_ref, "amqp", "declare"], cwd=TESTS,
+                              env=_env(CHAT_SETTINGS=str(settings), TRACE_FILE=str(tmp_path / "declare.jsonl")),
+                              capture_output=True, text=True, timeout=60)
+    assert declared.returncode == 0, declared.stderr
+    with (tmp_path / "listen.log").open("wb") as listen_log:
+        listen = subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", app_ref, "amqp", "listen"], cwd=TESTS, stdout=listen_log,
+            stderr=listen_log, env=_env(CHAT_SETTINGS=str(settings), TRACE_FILE=str(listen_spans),
+                                        TRACE_SERVICE="flask amqp listen", AMQP_START_LISTENERS="1"))
+    try:
+        assert wait_until(lambda: int(state.queue_declare(f"{prefix}.listener.bob", passive=True)
+                                      ["consumer_count"]) == 1, timeout=30), (tmp_path / "listen.log").read_text()
+        web_env = _env(CHAT_SETTINGS=str(settings), TRACE_FILE=str(web_spans), TRACE_SERVICE="gunicorn worker")
+        with _gunicorn(TESTS, app_ref, web_env, tmp_path / "gunicorn.log") as (_server, port):
+            assert wait_until(lambda: _port_answers(port), timeout=30), (tmp_path / "gunicorn.log").read_text()
+            status, _ = _http(port, "POST", "/messages", {"from": "alice", "to": "bob", "text": "traced"})
+            assert status == 202
+            assert wait_until(lambda: listen_spans.exists() and len(read(listen_spans)) >= 2, timeout=20)
+    finally:
+        listen.send_signal(signal.SIGTERM)
+        listen.wait(timeout=30)
+    (server,) = [s for s in read(web_spans) if s["kind"] == "SERVER" and s["name"].startswith("POST")]
+    trace = [s for s in read(web_spans) + read(listen_spans) if s["trace_id"] == server["trace_id"]]
+    print(render(trace))
+    (producer,) = [s for s in trace if s["name"] == f"publish {room}:bob"]
+    (process,) = [s for s in trace if s["name"] == f"process {room}:bob:{prefix}.listener.bob"]
+    (inbox,) = [s for s in trace if s["name"] == f"publish {prefix}.inbox.bob"]
+    assert producer["parent_id"] == server["span_id"] and producer["pid"] == server["pid"]
+    assert process["parent_id"] == producer["span_id"] and process["pid"] == listen.pid != server["pid"]
+    assert inbox["parent_id"] == process["span_id"] and process["attributes"]["nucleon.amqp.outcome"] == "acked"
+    assert producer["kind"] == "PRODUCER" and process["kind"] == "CONSUMER"
+
+
+def _port_answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
