@@ -35,6 +35,8 @@ _EXCHANGE_TYPES = frozenset({"direct", "fanout", "topic", "headers"})
 #: Promise ids are unique in the process, so a promise names its connection too.
 _promise_ids = itertools.count(1)
 _REPLY_TO = "amq.rabbitmq.reply-to"
+#: How many of the latest confirm latencies each connection keeps for the percentiles of stats().
+CONFIRM_WINDOW = 1024
 
 
 def _emit(signal: Any, sender: Any, **kwargs: Any) -> None:
@@ -99,7 +101,12 @@ class BaseConnection(Generic[_ConsumerT]):
         self._reply_consumer: _ConsumerT | None = None
         self.stats: dict[str, Any] = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0,
                                       "failed": 0, "delivered": 0, "acked": 0, "rejected": 0,
-                                      "blocked_seconds": 0.0}
+                                      "blocked_seconds": 0.0,
+                                      # greenlets waiting right now: for a confirm, for room in the
+                                      # write buffer (or the end of a broker alarm), for a connection
+                                      "waiting_confirm": 0, "waiting_room": 0, "waiting_connection": 0}
+        #: The latest confirm latencies (seconds): a bounded window for stats()' percentiles.
+        self.confirm_latencies: deque[float] = deque(maxlen=CONFIRM_WINDOW)
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed" if self._closed else "idle"
@@ -138,7 +145,12 @@ class BaseConnection(Generic[_ConsumerT]):
     def _wait_unblocked(self) -> None:
         """Backpressure: wait while the broker blocks publishers."""
         limit = self.settings.blocked_timeout
-        if not self._unblocked.wait(limit):
+        self.stats["waiting_room"] += 1
+        try:
+            unblocked = self._unblocked.wait(limit)
+        finally:
+            self.stats["waiting_room"] -= 1
+        if not unblocked:
             raise ConnectionBlocked(f"broker blocked publishing ({self.blocked_reason}) for more than "
                                     f"{limit:g}s (blocked_timeout)")
 

@@ -335,6 +335,7 @@ class _Session:
     def _write_some(self) -> None:
         """Write until the kernel buffer is full; then a writer greenlet waits for room."""
         client = self.client
+        client.x_log_frames = None  # frames queued from now on are a new batch: it looks up the log level
         buf = client.send_buf
         while buf:
             before = len(buf)
@@ -435,6 +436,7 @@ class PukaConnection(BaseConnection[_Consumer]):
         self._opening: AsyncResult | None = None
         self._node_offset = index
         self._last_nack_reopen = float("-inf")
+        self._lost_at = 0.0
         #: Called with this connection after every (re)open, before consumers resume.
         self.on_open: list[Callable[[PukaConnection], Any]] = []
 
@@ -457,11 +459,17 @@ class PukaConnection(BaseConnection[_Consumer]):
     def _open(self) -> _Session:
         if self._closed:
             raise ConnectionError(f"{self!r} was closed", self.settings.nodes[0].host, self.settings.nodes[0].port)
+        stats = self.stats
         if self._opening is not None:
-            result = self._opening.get()
+            stats["waiting_connection"] += 1
+            try:
+                result = self._opening.get()
+            finally:
+                stats["waiting_connection"] -= 1
             assert isinstance(result, _Session)
             return result
         opening = self._opening = AsyncResult()
+        stats["waiting_connection"] += 1
         try:
             session = self._connect_any()
             self._session = session
@@ -470,6 +478,8 @@ class PukaConnection(BaseConnection[_Consumer]):
             opening.set_exception(exc)
             self._opening = None
             raise
+        finally:
+            stats["waiting_connection"] -= 1
         opening.set(session)
         self._opening = None
         return session
@@ -547,6 +557,7 @@ class PukaConnection(BaseConnection[_Consumer]):
         if self.blocked_reason is not None:  # an alarm belongs to the connection that got it
             self._on_blocked(False, None)
         self.stats["lost"] += 1
+        self._lost_at = time.monotonic()
         if self._closed:
             log.info("closed connection to %s", self.settings.safe_url(session.node))
             return
@@ -568,7 +579,8 @@ class PukaConnection(BaseConnection[_Consumer]):
             try:
                 self._open()
                 self.stats["recovered"] += 1
-                log.info("recovered connection to %s", self.settings.safe_url())
+                log.info("recovered connection to %s after %.3fs", self.settings.safe_url(),
+                         time.monotonic() - self._lost_at)
                 node = self._session.node if self._session is not None else self.settings.nodes[0]
                 _emit(signals.connection_recovered, self, node=str(node))
                 return
@@ -776,6 +788,8 @@ class PukaConnection(BaseConnection[_Consumer]):
         self._wait_for_room(session)
         self._begin()
         started = time.monotonic()
+        stats = self.stats
+        stats["waiting_confirm"] += 1
         try:
             if timeout is None:
                 # The session's expiry timer fails it at the deadline: no timer per publish, and
@@ -795,6 +809,7 @@ class PukaConnection(BaseConnection[_Consumer]):
                 self._published(context, data, properties)
                 result = box.wait(timeout)
         finally:
+            stats["waiting_confirm"] -= 1
             self._end()
         outcome = self._publish_outcome(result, session, context, started)
         if isinstance(outcome, BaseException):
@@ -804,17 +819,22 @@ class PukaConnection(BaseConnection[_Consumer]):
         """Count and signal one publish's outcome: ``{}`` when confirmed, else the exception."""
         if result is None:  # timed out
             self.stats["failed"] += 1
-            return Timeout(f"publish on {self.settings.safe_url(session.node)} was not confirmed within "
-                           "the timeout; the message may still be routed")
+            timeout = Timeout(f"publish on {self.settings.safe_url(session.node)} was not confirmed within "
+                              "the timeout; the message may still be routed")
+            _emit(signals.publish_failed, self, error=timeout, **context)
+            return timeout
         if result.is_error:
             self.stats["failed"] += 1
             error = self._error(result, session, **context)
             if isinstance(error, Unroutable):
                 _emit(signals.message_returned, self, error=error, **context)
+            _emit(signals.publish_failed, self, error=error, **context)
             return error
         self.stats["confirmed"] += 1
+        seconds = time.monotonic() - started
+        self.confirm_latencies.append(seconds)
         if signals.message_confirmed.receivers:
-            _emit(signals.message_confirmed, self, seconds=time.monotonic() - started, **context)
+            _emit(signals.message_confirmed, self, seconds=seconds, **context)
         return {}
 
     def _wait_for_room(self, session: _Session) -> None:
@@ -823,7 +843,12 @@ class PukaConnection(BaseConnection[_Consumer]):
             self._wait_unblocked()
         if not session.drained.is_set():
             limit = self.settings.operation_timeout
-            if not session.drained.wait(limit):
+            self.stats["waiting_room"] += 1
+            try:
+                drained = session.drained.wait(limit)
+            finally:
+                self.stats["waiting_room"] -= 1
+            if not drained:
                 raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s")
 
     # -- receiving ------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import functools
 import logging
 import os
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ import gevent.pool
 from gevent.event import AsyncResult, Event
 
 from . import retry as _retry
+from . import signals
 from . import tracing as _tracing
+from ._base import _emit
 from .exceptions import AMQPError, ConnectionError, MessageStateError, Timeout
 from .retry import RetryPolicy
 from .topology import Topology
@@ -337,11 +340,16 @@ class Listener:
 
     def _handle(self, conn: PukaConnection, promise: int, message: Message) -> None:
         started = _tracing.start_process(self.queue, message) if _tracing.ON else None  # tracing hook L1
+        timed = signals.message_handled.receivers and time.monotonic()
+        failed = self.stats["failed"]
         try:
             self._handle_message(conn, promise, message)
         finally:
             if started is not None:
                 _tracing.end_process(started)  # tracing hook L2
+            if timed:
+                _emit(signals.message_handled, self, queue=self.queue, seconds=time.monotonic() - timed,
+                      failed=self.stats["failed"] != failed)
 
     def _handle_message(self, conn: PukaConnection, promise: int, message: Message) -> None:
         if self.options.retry is not None:

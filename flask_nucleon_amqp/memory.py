@@ -1304,10 +1304,13 @@ class MemoryConnection(BaseConnection[_Consumer]):
             self.stats["failed"] += 1
             if isinstance(error, Unroutable):
                 _emit(signals.message_returned, self, error=error, **context)
+            _emit(signals.publish_failed, self, error=error, **context)
             return error
         self.stats["confirmed"] += 1
+        seconds = max(time.monotonic() - started, 1e-9)
+        self.confirm_latencies.append(seconds)
         if signals.message_confirmed.receivers:
-            _emit(signals.message_confirmed, self, seconds=max(time.monotonic() - started, 1e-9), **context)
+            _emit(signals.message_confirmed, self, seconds=seconds, **context)
         return {}
 
     # -- receiving ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 try:
     from opentelemetry import context as _context
@@ -44,6 +44,7 @@ OUTCOME = "nucleon.amqp.outcome"
 #: The attribute a callback marks itself with when it makes its own process span (listeners).
 SELF_TRACED = "x_nucleon_traced"
 
+_T = TypeVar("_T")
 _tracer: Any = None
 _next_lookup = 0.0
 _explicit = False
@@ -139,7 +140,7 @@ def end_publish(span: Any, outcome: Any) -> None:
     span.end()
 
 
-def traced_publish(span: Any, publish: Callable[..., Any], *args: Any) -> Any:
+def traced_publish(span: Any, publish: Callable[..., _T], *args: Any) -> _T:
     """Run a synchronous publish and end its span with how it went."""
     try:
         result = publish(*args)
@@ -160,7 +161,7 @@ def _record_error(span: Any, exc: BaseException) -> None:
 def _header_getter() -> Any:
     from opentelemetry.propagators.textmap import Getter
 
-    class _Headers(Getter[dict[str, Any]]):  # type: ignore[misc]
+    class _Headers(Getter[dict[str, Any]]):
         """AMQP header values can arrive as bytes (another client's longstr): read them as text."""
 
         def get(self, carrier: dict[str, Any], key: str) -> list[str] | None:
