@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from flask_nucleon_amqp import AMQP, AMQPState, Message, NotFound, PukaConnection, Unroutable, tracing
+from flask_nucleon_amqp import AMQP, AMQPState, Message, NotFound, PukaConnection, Unroutable, memory, tracing
 from flask_nucleon_amqp.cli import amqp_cli
 
 from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, make_app, wait_until
@@ -389,3 +389,31 @@ def _port_answers(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.parametrize("transport", ["rabbitmq", "memory"])
+def test_both_transports_trace_alike(transport: str, names: Names, spans: InMemorySpanExporter) -> None:
+    """The memory transport makes the same spans as RabbitMQ (checked against the real broker here)."""
+    broker = f"test-{names.run}"
+    app = make_app(**({"AMQP_URL": f"memory://{broker}"} if transport == "memory" else {}))
+    AMQP(app)
+    state: AMQPState = app.extensions["amqp"]
+    queue = names.queue()
+    try:
+        state.queue_declare(queue)
+        handled: GQueue = GQueue()
+        state.register_and_spawn_amqp_listener(queue, lambda conn, promise, message: handled.put(message))
+        state.publish("", queue, b"x", headers={"kind": "order"})
+        assert handled.get(timeout=10).headers["kind"] == "order"
+        with pytest.raises(NotFound):
+            state.publish(names.exchange(), "k", b"x")
+        sent, failed = _named(spans, "publish ", 2)
+        (processed,) = _named(spans, "process ")
+    finally:
+        state.close(timeout=5)
+        if transport == "memory":
+            memory.reset(broker)
+    assert _parent_id(processed) == sent.context.span_id and sent.context.trace_id == processed.context.trace_id
+    assert (processed.attributes or {})[tracing.OUTCOME] == "acked"
+    assert sent.status.status_code is StatusCode.UNSET and failed.status.status_code is StatusCode.ERROR
+    assert (failed.attributes or {})["error.type"] == "flask_nucleon_amqp.exceptions.NotFound"
