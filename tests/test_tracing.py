@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
@@ -417,3 +419,27 @@ def test_both_transports_trace_alike(transport: str, names: Names, spans: InMemo
     assert (processed.attributes or {})[tracing.OUTCOME] == "acked"
     assert sent.status.status_code is StatusCode.UNSET and failed.status.status_code is StatusCode.ERROR
     assert (failed.attributes or {})["error.type"] == "flask_nucleon_amqp.exceptions.NotFound"
+
+
+def test_a_publish_handed_over_from_an_os_thread_keeps_the_callers_span(
+        amqp: AMQPState, names: Names, spans: InMemorySpanExporter) -> None:
+    """The call runs in the hub (another thread, another greenlet): the caller's current span still parents it."""
+    queue = names.queue()
+    amqp.queue_declare(queue)
+    outcome: dict[str, Any] = {}
+
+    def in_thread() -> None:
+        try:
+            tracer = spans.provider.get_tracer("test")  # type: ignore[attr-defined]
+            with tracer.start_as_current_span("request in a thread") as span:
+                outcome["caller"] = span.get_span_context().span_id
+                amqp.get_amqp_pool().connection().publish("", queue, b"x")
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    assert wait_until(lambda: not worker.is_alive(), timeout=20)
+    assert "error" not in outcome, outcome
+    (producer,) = _named(spans, "publish ")
+    assert _parent_id(producer) == outcome["caller"]
