@@ -151,6 +151,26 @@ def traced_publish(span: Any, publish: Callable[..., _T], *args: Any) -> _T:
     return result
 
 
+def publish_in_span(span: Any, publish: Callable[..., Any], message: Any, callback: Any, timeout: Any,
+                    retry: int) -> Any:
+    """Run a publish; its span ends with the outcome: when it returns, or when ``callback`` gets the result."""
+    if callback is not None:
+        user_callback = callback
+
+        def callback(promise: int, result: Any) -> Any:
+            end_publish(span, result)
+            return user_callback(promise, result)
+
+    try:
+        result = publish(message, callback, timeout, retry)
+    except BaseException as exc:
+        end_publish(span, exc)
+        raise
+    if callback is None:
+        span.end()
+    return result
+
+
 def _record_error(span: Any, exc: BaseException) -> None:
     span.record_exception(exc)
     span.set_attribute("error.type", f"{type(exc).__module__}.{type(exc).__qualname__}")
