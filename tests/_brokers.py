@@ -831,8 +831,6 @@ def secret_watch(caplog: pytest.LogCaptureFixture) -> Iterator[SecretWatch]:
     """DEBUG logs of flask_nucleon_amqp and puka are captured; no password may appear in them."""
     caplog.set_level(logging.DEBUG, logger="flask_nucleon_amqp")
     caplog.set_level(logging.DEBUG, logger="puka")
-    # Not a line per frame of the fault workloads (tests/test_observability.py checks those lines).
-    caplog.set_level(logging.INFO, logger="flask_nucleon_amqp.frames")
     watch = SecretWatch(caplog)
     yield watch
     assert watch.lines > 0, "no log line was captured: the check would prove nothing"
