@@ -25,6 +25,11 @@ TEST = [
     "PyMySQL>=1.1",  # MariaDB/MySQL driver for the outbox tests
     *DOCS,  # tests/test_docs.py builds the docs
     *BUILD,  # tests/test_packaging.py builds the sdist and the wheel
+    # tests/test_tracing.py: the SDK's in-memory exporter, Flask's instrumentation, and pika for interop
+    "opentelemetry-api>=1.27",
+    "opentelemetry-sdk>=1.27",
+    "opentelemetry-instrumentation-flask>=0.48b0",
+    "pika>=1.3",
 ]
 
 setup(
@@ -49,6 +54,7 @@ setup(
         "test": TEST,
         "prometheus": ["prometheus_client>=0.17"],
         "sqlalchemy": SQLALCHEMY,
+        "otel": ["opentelemetry-api>=1.27"],
         "bench": ["pika>=1.3", "kombu>=5.3"],
         "lint": LINT,
         "docs": DOCS,
