@@ -133,10 +133,3 @@ def test_every_pool_key_is_documented_in_app_cfg_example() -> None:
         assert f'"{key}"' in example, f"app.cfg.example does not document the pool key {key!r}"
     for key in ("AMQP_URL", "AMQP_POOLS", "AMQP_SHUTDOWN_TIMEOUT"):
         assert key in example
-
-
-def test_readme_config_table_matches_the_config_module() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    table = readme.split("<!-- pool-keys:start -->\n", 1)[1].split("<!-- pool-keys:end -->", 1)[0]
-    expected = "".join(f"| `{key}` | {doc} |\n" for key, (_, doc) in POOL_KEYS.items())
-    assert table == expected
