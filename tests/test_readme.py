@@ -150,6 +150,9 @@ def test_install_lines_name_the_package_and_its_extras() -> None:
     for command in commands(INSTALL):
         argv = shlex.split(command)
         assert argv[:2] == ["pip", "install"], command
+        if argv[2] == ".":
+            assert (ROOT / "setup.py").is_file()
+            continue
         match = re.fullmatch(r"([\w.-]+)(?:\[([\w,]+)\])?", argv[2])
         assert match and match[1] == metadata["Name"], command
         named |= set((match[2] or "").split(",")) - {""}
