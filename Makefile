@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(VENV)/.lint-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv broker run test bench lint docs dist clean
+.PHONY: help venv broker run test test-all bench lint docs dist clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ run: venv broker  ## serve the example app with gunicorn's gevent workers on :80
 
 test: venv broker  ## run the test suite against the local broker
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: broker  ## run the test suite on every Python 3.10..3.13 found, each in its own .venv-3.X
+	./scripts/test-all.sh
 
 bench: venv broker  ## run the benchmarks (ratios to raw puka, pika, kombu; then HTTP under gunicorn)
 	$(PY) bench/bench.py $(BENCH_ARGS)
@@ -48,4 +51,4 @@ dist: venv  ## build the sdist and the wheel into dist/
 	$(PY) -m build
 
 clean:  ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist docs/_build *.egg-info
+	rm -rf $(VENV) .venv-3.* .pytest_cache .mypy_cache .ruff_cache build dist docs/_build *.egg-info
