@@ -18,6 +18,7 @@ TEST = [
     "pytest-timeout>=2.1",
     "gunicorn>=21",
     "prometheus_client>=0.17",
+    "python-dotenv>=1.0",  # `flask amqp ...` reads .flaskenv (the example app) at the root and in example_app/
     *DOCS,  # tests/test_docs.py builds the docs
     *BUILD,  # tests/test_packaging.py builds the sdist and the wheel
 ]

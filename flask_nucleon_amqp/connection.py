@@ -20,6 +20,7 @@ import datetime
 import ipaddress
 import logging
 import random
+import re
 import socket
 import time
 from collections import deque
@@ -70,6 +71,11 @@ Callback = Callable[[int, Any], Any]
 
 _READ, _WRITE = 1, 2
 _CLIENT_PROPERTIES = {"product": "flask_nucleon_amqp", "platform": "Python/gevent"}
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why the TLS handshake failed, without OpenSSL's source location (``(_ssl.c:1006)``)."""
+    return "TLS handshake failed: " + re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc))
 
 
 class _Session:
@@ -160,7 +166,8 @@ class _Session:
             exc = VhostNotAllowed(f"broker at {where} refused the vhost: {result.get('reply_text', '')}",
                                   self.node.host, self.node.port)
         else:
-            reason = self.client.x_tls_error or result.exception
+            tls_error = self.client.x_tls_error
+            reason = _tls_failure(tls_error) if tls_error is not None else result.exception
             exc = ConnectionError(f"cannot connect to {where}: {reason}", self.node.host, self.node.port)
         if not self.ready.ready():
             self.ready.set(exc)

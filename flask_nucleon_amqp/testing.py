@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from flask import Flask, current_app, has_app_context
 from gevent.event import Event
@@ -236,11 +236,18 @@ except ImportError:  # the helpers above work without pytest; the fixtures below
     pytest = None  # type: ignore[assignment]
 
 
-def _fixture(*args: Any, **kwargs: Any) -> Any:
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@overload
+def _fixture(function: _F) -> _F: ...
+@overload
+def _fixture(*, name: str) -> Callable[[_F], _F]: ...
+def _fixture(function: _F | None = None, *, name: str | None = None) -> Any:
     """``pytest.fixture`` when pytest is installed; without it, the function is left as it is."""
-    if pytest is not None:
-        return pytest.fixture(*args, **kwargs)
-    return args[0] if args else (lambda function: function)
+    if pytest is None:
+        return function if function is not None else (lambda undecorated: undecorated)
+    return pytest.fixture(function) if function is not None else pytest.fixture(name=name)
 
 
 def _test_app(request: pytest.FixtureRequest) -> Flask | None:
