@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,10 +24,20 @@ from flask_nucleon_amqp import AMQP, AMQPState, Message, NotFound, PukaConnectio
 from flask_nucleon_amqp.lifecycle import ListenerSpec
 from flask_nucleon_amqp.listener import ListenerOptions
 
-from _brokers import free_ports
 from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, make_app, wait_until
 
 TESTS = Path(__file__).parent
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on (just released by the kernel): connecting there is refused."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 @pytest.fixture
