@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(VENV)/.lint-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv broker run test test-all bench lint docs dist clean
+.PHONY: help venv broker browser run test test-all bench lint docs dist clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -22,11 +22,15 @@ venv: $(STAMP)  ## create .venv and install the package with its test tools
 broker:  ## make sure RabbitMQ runs on 127.0.0.1:5672 (start or install it)
 	./scripts/ensure-broker.sh
 
-run: venv broker  ## serve the example app with gunicorn's gevent workers on :8000
+browser:  ## make sure chromium and chromedriver run (installs them with apt-get when root), for the browser test
+	./scripts/ensure-browser.sh
+
+run: venv broker  ## serve the example app (the chat room page) with gunicorn's gevent workers on :8000
 	cd example_app && ../$(VENV)/bin/flask --app app amqp declare
+	@echo "The chat room: open http://127.0.0.1:8000/ in a browser (two windows, two users). Ctrl-C stops."
 	cd example_app && ../$(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
 
-test: venv broker  ## run the test suite against the local broker
+test: venv broker browser  ## run the test suite against the local broker
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-all: broker  ## run the test suite on every Python 3.10..3.13 found, each in its own .venv-3.X

@@ -19,6 +19,7 @@ TEST = [
     "gunicorn>=21",
     "prometheus_client>=0.17",
     "python-dotenv>=1.0",  # `flask amqp ...` reads .flaskenv (the example app) at the root and in example_app/
+    "selenium>=4.20",  # tests/test_chat_page.py drives Debian's chromium (make browser installs it)
     *DOCS,  # tests/test_docs.py builds the docs
     *BUILD,  # tests/test_packaging.py builds the sdist and the wheel
 ]

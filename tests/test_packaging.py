@@ -55,6 +55,9 @@ def test_sdist_holds_the_tests_docs_and_example(dists: tuple[Path, Path]) -> Non
     for expected in ("README.md", "LICENSE", "app.cfg.example", "setup.py", "pyproject.toml", "MANIFEST.in",
                      "flask_nucleon_amqp/py.typed", "tests/conftest.py", "tests/test_docs_samples.py",
                      "example_app/app.py", "example_app/app.cfg", "example_app/gunicorn.conf.py",
+                     "example_app/page.py", "example_app/templates/chat.html", "example_app/static/chat.js",
+                     "example_app/static/chat.css", "example_app/.flaskenv", ".flaskenv", "docs/_static/chat.png",
+                     "scripts/test-all.sh", "scripts/ensure-browser.sh",
                      "docs/conf.py", "docs/index.rst", "docs/_ext/amqp_config.py"):
         assert expected in names, f"the sdist lacks {expected}"
     assert not [name for name in names if "__pycache__" in name or name.startswith("docs/_build")]
