@@ -26,6 +26,8 @@ from flask_nucleon_amqp.listener import ListenerOptions
 
 from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, make_app, wait_until
 
+pytest_plugins = ["_brokers"]  # a private node with the management plugin, for `status`
+
 TESTS = Path(__file__).parent
 
 
@@ -202,6 +204,40 @@ def test_status_reports_pools_and_queues(capp: Flask, runner: FlaskCliRunner) ->
                         "(--management-url if it listens elsewhere)")
     assert lines[3] == f"queue {queue!r}: 1 ready, 0 consumers"
     assert len(lines) == 4
+
+
+def test_status_shows_unacked_and_utilisation_when_the_management_plugin_answers(node_up: Any) -> None:
+    """The shared broker runs no management plugin; the private node does (tests/_brokers.py)."""
+    queue = f"status-{os.getpid()}-{time.monotonic_ns()}"
+    app = make_app(AMQP_URL=node_up.url(), AMQP_TOPOLOGY={"queues": {queue: {"durable": False}}})
+    AMQP(app)
+    state: AMQPState = app.extensions["amqp"]
+    held: list[Message] = []
+    try:
+        assert app.test_cli_runner().invoke(args=["amqp", "declare"]).exit_code == 0
+        for i in range(3):
+            state.publish("", queue, f"m{i}")
+        consumer = state.connection("listen").consume(queue, callback=lambda _p, message: held.append(message),
+                                                      prefetch_count=2)
+        assert wait_until(lambda: len(held) == 2)  # two unacked, one ready
+        management = ["--management-url", f"http://127.0.0.1:{node_up.management_port}/"]
+        expected = re.compile(rf"queue '{queue}': 1 ready, 2 unacked, 1 consumers, consumer utilisation "
+                              r"(\d+%|n/a)")
+        outputs: list[str] = []
+
+        def shown() -> bool:  # the plugin samples its counts every 500 ms on that node
+            result = app.test_cli_runner().invoke(args=["amqp", "status", *management])
+            outputs.append(result.output)
+            return result.exit_code == 0 and expected.fullmatch(result.output.splitlines()[-1]) is not None
+
+        assert wait_until(shown, timeout=20, interval=0.5), outputs[-1]
+        assert "does not answer" not in outputs[-1] and node_up.password not in outputs[-1]
+        state.connection("listen").cancel(consumer)
+        for message in held:
+            message.ack()
+    finally:
+        state.queue_delete(queue)
+        state.close(timeout=5)
 
 
 def test_status_of_an_unreachable_broker_fails_without_traceback_or_password() -> None:
