@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["amqp_cli"]
 
 _VERBOSE = "flask_nucleon_amqp.verbose"
-#: The loggers --verbose shows on stderr (at DEBUG); without it, only the library's warnings reach stderr.
+#: The loggers --verbose shows on stderr (at DEBUG). Without it, a command says what went wrong in its
+#: own one line, so they are silent, except while `listen` runs its listeners (a worker's log).
 _LOGGERS = ("flask_nucleon_amqp", "puka")
 
 
@@ -72,10 +73,29 @@ class _EchoHandler(logging.Handler):
         click.echo(self.format(record), err=True)
 
 
+@contextmanager
+def _quiet_library() -> Iterator[None]:
+    """Without --verbose: no library log line on stderr (the command reports failures itself)."""
+    if _verbose():
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _group(verbose: bool) -> None:
     context = click.get_current_context()
     context.meta[_VERBOSE] = verbose
     if not verbose:
+        if context.invoked_subcommand != "listen":  # listen is quiet only while it starts
+            context.with_resource(_quiet_library())
         return
     handler = _EchoHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -217,7 +237,7 @@ def listen_command(timeout: float | None) -> None:
     """
     state = _state()
     assert state.lifecycle is not None
-    with _expected_errors():
+    with _expected_errors(), _quiet_library():
         state.initialise(start_listeners=True)
         listeners = state.lifecycle.start_listeners()
     if not listeners:

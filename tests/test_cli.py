@@ -577,6 +577,17 @@ def test_errors_are_one_line_on_stderr(case: str) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (1, "", expected + "\n")
 
 
+def test_listen_that_cannot_start_says_why_in_one_line() -> None:
+    """No library log line (the failed declare, the handler's traceback) before the error."""
+    url, expected = ONE_LINE_ERRORS["wrong password"]
+    result = _flask_with_url(url, "listen")
+    reason = expected.removeprefix("Error: ")
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", (
+        "Error: AMQP initialisation of app '_lifecycle_app' failed in on_initialise handler "
+        f"_lifecycle_app.create_app.<locals>.announce: {reason}; this process will not serve requests until it is "
+        "restarted\n"))
+
+
 @pytest.mark.parametrize("case", ["bad config key", "wrong password"])
 def test_verbose_adds_the_traceback(case: str) -> None:
     url, expected = ONE_LINE_ERRORS[case]
