@@ -19,8 +19,8 @@ import flask_nucleon_amqp
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = flask_nucleon_amqp.__version__
 #: Not part of a source tree: what `make`, pytest, mypy, ruff and builds leave behind.
-LEFT_BEHIND = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info", "_build", "__pycache__",
-                                     "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache")
+LEFT_BEHIND = shutil.ignore_patterns(".git", ".venv", ".venv-*", "venv", "build", "dist", "*.egg-info", "_build",
+                                     "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache")
 
 
 def _run(*command: str | Path, cwd: Path, timeout: float = 120) -> str:
