@@ -7,16 +7,18 @@ browser. A page that closes cancels its consumer; what it had not shown yet
 goes back to the queue, for the next page (or ``GET /users/<user>/messages``).
 Under gunicorn's gevent workers every open page is one greenlet waiting on the
 broker, no thread and no polling: the strength this extension is built for.
+(Under a threaded server, ``flask run``, each page is one thread waiting.)
 """
 
 from __future__ import annotations
 
 import json
+import queue
 from collections.abc import Iterator
 from typing import Any
 
+import gevent.queue
 from flask import Blueprint, Response, abort, current_app, render_template, stream_with_context
-from gevent.queue import Empty, Queue
 
 from flask_nucleon_amqp import AMQPError, Message
 
@@ -36,8 +38,11 @@ def events(user: str) -> Response:
         abort(404)
     inbox = f"{current_app.config['CHAT_PREFIX']}.inbox.{user}"
     keepalive = float(current_app.config.get("CHAT_STREAM_KEEPALIVE", 15.0))
-    connection = current_app.amqp.get_amqp_pool(type="listen").connection()
-    arrived: Queue[Message] = Queue()
+    pool = current_app.amqp.get_amqp_pool(type="listen")
+    connection = pool.connection()
+    # Deliveries come from the connections' hub: this greenlet's own (gevent workers), or the extension's
+    # hub thread under a threaded server, where a thread-safe queue hands them over.
+    arrived: Any = gevent.queue.Queue() if pool.runtime.is_home() else queue.SimpleQueue()
     consumer = connection.consume(inbox, callback=lambda _promise, message: arrived.put(message), prefetch_count=20)
 
     def stream() -> Iterator[str]:
@@ -47,7 +52,7 @@ def events(user: str) -> Response:
             while True:
                 try:
                     shown = arrived.get(timeout=keepalive)
-                except Empty:
+                except queue.Empty:
                     yield ": keep-alive\n\n"  # also how a closed page is noticed: this write fails
                     continue
                 yield f"data: {json.dumps(_entry(shown))}\n\n"
@@ -67,7 +72,7 @@ def _entry(message: Message) -> Any:
         return {"from": "?", "text": message.text}
 
 
-def _give_back(connection: Any, consumer: int, shown: Message | None, arrived: Queue[Message]) -> None:
+def _give_back(connection: Any, consumer: int, shown: Message | None, arrived: Any) -> None:
     """The page went away: stop consuming; what it did not show goes back to the inbox."""
     try:
         connection.cancel(consumer)  # no more deliveries reach `arrived` after this
