@@ -506,6 +506,9 @@ class MemoryBroker:
         found = self.exchanges.get(name)
         if found is None:
             return {}
+        if name.startswith("amq."):
+            raise _error(403, f"ACCESS_REFUSED - deletion of system exchange '{name}' in vhost "
+                              f"'{self._vhost(session)}' not allowed")
         if if_unused and found.bindings:
             raise _error(406, f"PRECONDITION_FAILED - {_vhost_text('exchange', name, self._vhost(session))} in use")
         self._delete_exchange(found)
