@@ -139,25 +139,26 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
 
     def _connect_node(self, node: Node) -> _PukaSession:
         timeout = self.settings.connect_timeout
-        deadline = time.monotonic() + timeout
         if _is_ip_address(node.host):
-            return self._connect_addresses(node, [node.host], deadline)
+            return self._connect_addresses(node, [node.host])
         infos = None
         try:
             with gevent.Timeout(timeout, False):
-                infos = gevent.socket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
+                infos = _resolve(node.host, node.port)
         except OSError as exc:
             raise ConnectionError(f"cannot resolve {node.host}: {exc}", node.host, node.port) from None
         if infos is None:
             raise ConnectionError(f"cannot resolve {node.host} within {timeout:g}s", node.host, node.port)
-        return self._connect_addresses(node, list(dict.fromkeys(info[4][0] for info in infos)), deadline)
+        return self._connect_addresses(node, list(dict.fromkeys(info[4][0] for info in infos)))
 
-    def _connect_addresses(self, node: Node, addresses: list[str], deadline: float) -> _PukaSession:
+    def _connect_addresses(self, node: Node, addresses: list[str]) -> _PukaSession:
         last: ConnectionError | None = None
-        for address in addresses:  # every address of the name in turn, not only the first (D26)
+        # Every address of the name in turn, not only the first, each with a connect_timeout of its
+        # own: one silent address must not use up the time of the next (D26).
+        for address in addresses:
             session = _PukaSession(self, node, address)
             try:
-                session.start(max(0.001, deadline - time.monotonic()))
+                session.start(self.settings.connect_timeout)
             except (AuthenticationError, VhostNotAllowed):
                 raise
             except ConnectionError as exc:
@@ -556,6 +557,11 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         self._consumers.clear()
         self._dispatch_queue.clear()
         self._arrived = 0
+
+
+def _resolve(host: str, port: int) -> list[Any]:
+    """The addresses a broker's host name resolves to (getaddrinfo, cooperative)."""
+    return list(gevent.socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
 
 
 def _is_ip_address(host: str) -> bool:
