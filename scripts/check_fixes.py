@@ -48,7 +48,7 @@ FIXES: list[Fix] = [
         *_patched("puka_channel.Channel.inbound_body = _inbound_body"),
         (f"{FIXES_TESTS}::test_binary_bodies_round_trip_byte_exact",
          f"{FIXES_TESTS}::test_property_names_in_headers_stay_headers")),
-    Fix("D3 tables with byte lengths (queue arguments, client properties)", PUKA,
+    Fix("D3 tables with byte lengths (queue and exchange arguments)", PUKA,
         *_patched("puka_table.encode = encode_table"),
         (f"{FIXES_TESTS}::test_non_ascii_queue_arguments_and_client_properties",)),
     Fix("D4 credentials as bytes", PUKA,
