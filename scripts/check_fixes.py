@@ -80,6 +80,20 @@ FIXES: list[Fix] = [
     Fix("D27 timestamps without utcfromtimestamp", PUKA,
         *_patched("puka_table.decode_value = _decode_value"),
         (f"{FIXES_TESTS}::test_timestamp_header_decodes_without_deprecated_calls",)),
+    Fix("D2 a peer that is not a broker fails fast", PUKA,
+        "    def _handle_conn_read(self, data: bytes, offset: int) -> Any:\n",
+        "    def _x_reverted_handle_conn_read(self, data: bytes, offset: int) -> Any:\n",
+        (f"{FIXES_TESTS}::test_garbage_from_the_peer_fails_fast_instead_of_poisoning",)),
+    Fix("D12 a dead client raises ConnectionBroken", PUKA,
+        "    def fileno(self) -> int:\n        if self.sd is None:\n"
+        '            raise ConnectionBroken("connection is closed")\n',
+        "    def fileno(self) -> int:\n",
+        (f"{FIXES_TESTS}::test_dead_client_raises_connection_broken_not_attribute_error",)),
+    Fix("D19 a consumer the broker cancelled is unregistered", "flask_nucleon_amqp/connection.py",
+        '            if "body" not in result:  # the broker cancelled it: queue deleted (D19)\n'
+        "                self._cancelled_by_broker(consumer)\n",
+        "            pass  # reverted\n",
+        (f"{FIXES_TESTS}::test_unexpected_frames_are_dropped_not_fatal",)),
     Fix("D26 a connect deadline per resolved address", "flask_nucleon_amqp/connection.py",
         "        for address in addresses:\n            session = _PukaSession(self, node, address)\n"
         "            try:\n                session.start(self.settings.connect_timeout)",
