@@ -99,11 +99,17 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
     def _open(self) -> _PukaSession:
         if self._closed:
             raise ConnectionError(f"{self!r} was closed", self.settings.nodes[0].host, self.settings.nodes[0].port)
+        stats = self.stats
         if self._opening is not None:
-            result = self._opening.get()
+            stats["waiting_connection"] += 1
+            try:
+                result = self._opening.get()
+            finally:
+                stats["waiting_connection"] -= 1
             assert isinstance(result, _PukaSession)
             return result
         opening = self._opening = AsyncResult()
+        stats["waiting_connection"] += 1
         try:
             session = self._connect_any()
             self._session = session
@@ -112,6 +118,8 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             opening.set_exception(exc)
             self._opening = None
             raise
+        finally:
+            stats["waiting_connection"] -= 1
         opening.set(session)
         self._opening = None
         return session
@@ -262,6 +270,8 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         self._begin()
         started = time.monotonic()
         client = session.client
+        stats = self.stats
+        stats["waiting_confirm"] += 1
         try:
             if timeout is None:
                 # The session's expiry timer fails it at the deadline: no timer per publish, and
@@ -281,6 +291,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 self._published(message.context, message.data, message.properties)
                 result = box.wait(timeout)
         finally:
+            stats["waiting_confirm"] -= 1
             self._end()
         outcome = self._publish_outcome(self._publish_error(result, session, message.context), message.context,
                                         started)
@@ -302,7 +313,12 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             self._wait_unblocked()
         if not session.drained.is_set():
             limit = self.settings.operation_timeout
-            if not session.drained.wait(limit):
+            self.stats["waiting_room"] += 1
+            try:
+                drained = session.drained.wait(limit)
+            finally:
+                self.stats["waiting_room"] -= 1
+            if not drained:
                 raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s")
 
     # -- receiving ------------------------------------------------------------------------------
