@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(VENV)/.lint-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv broker databases browser run test test-all bench lint docs dist clean
+.PHONY: help venv broker databases browser run test test-all bench lint docs dist clean check-fixes
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench: venv broker databases  ## run the benchmarks (ratios to raw puka, pika, k
 $(LINT_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[lint]'
 	touch $(LINT_STAMP)
+
+check-fixes: venv broker  ## revert each puka fix in turn (in a temp copy) and check that its tests fail
+	$(VENV)/bin/python scripts/check_fixes.py
 
 lint: $(LINT_STAMP)  ## ruff, and mypy --strict on the package (settings in pyproject.toml)
 	$(VENV)/bin/ruff check flask_nucleon_amqp tests example_app bench
