@@ -188,7 +188,7 @@ def test_example_app_urls_are_its_routes() -> None:
 def _make_help() -> dict[str, str]:
     result = subprocess.run(["make", "--no-print-directory", "help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60, check=True)
-    return dict(re.findall(r"^\s+make (\w+)\s+(.*)$", result.stdout, re.M))
+    return dict(re.findall(r"^\s+make ([\w-]+)\s+(.*)$", result.stdout, re.M))
 
 
 def test_make_targets_are_the_ones_make_help_lists() -> None:
