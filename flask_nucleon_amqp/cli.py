@@ -13,30 +13,25 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 import gevent
 from flask import current_app
-from flask.cli import AppGroup
 from gevent.event import AsyncResult
 
 from .exceptions import AMQPError, NotFound
+from .extension import AMQPState, amqp_cli
 from .topology import Queue
 
-if TYPE_CHECKING:
-    from .extension import AMQPState
-
 __all__ = ["amqp_cli"]
-
-amqp_cli = AppGroup("amqp", help="Declare, inspect and use the app's AMQP broker (flask_nucleon_amqp).")
 
 
 def _state() -> AMQPState:
     state = current_app.extensions.get("amqp")
-    if state is None:
+    if not isinstance(state, AMQPState):
         raise click.ClickException("this app does not use flask_nucleon_amqp: call AMQP(app) or amqp.init_app(app)")
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 @contextmanager
@@ -151,7 +146,6 @@ def listen_command(timeout: float | None) -> None:
     the timeout) and ack them, close. Messages not acked go back to the queue.
     """
     state = _state()
-    assert state.lifecycle is not None
     with _expected_errors():
         state.initialise(start_listeners=True)
         listeners = state.lifecycle.start_listeners()
@@ -257,7 +251,7 @@ def status_command() -> None:
         reachable = reachable or conn
         product = _text(properties.get("product", "broker"))
         click.echo(f"{where}: reachable, {product} {_text(properties.get('version', '?'))}")
-    listened = [spec.queue for spec in state.lifecycle.registry.listeners] if state.lifecycle else []
+    listened = [spec.queue for spec in state.lifecycle.registry.listeners]
     queues = dict.fromkeys([q.name for q in state.topology if isinstance(q, Queue)] + listened)
     missing = []
     if reachable is not None:

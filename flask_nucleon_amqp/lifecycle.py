@@ -27,22 +27,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import gevent.lock
 from flask import Flask
 
-from .exceptions import AMQPError, ConfigError, ConnectionError, Timeout
-from .listener import Listener, ListenerOptions, MessageCallback, _callback_name
-from .topology import Topology, topology_from_config
+from .connection import PukaConnection
+from .exceptions import AMQPError, ConnectionError, Timeout
+from .listener import Listener, ListenerOptions, MessageCallback, callback_name
+from .pool import Pool
+from .topology import Topology
 
-if TYPE_CHECKING:
-    from .extension import AMQPState
-
-__all__ = ["on_initialise", "InitialisationError", "Lifecycle", "Registry", "ListenerSpec", "attach", "live_apps"]
+__all__ = ["on_initialise", "InitialisationError", "Lifecycle", "Registry", "ListenerSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +48,6 @@ Handler = TypeVar("Handler", bound=Callable[[], Any])
 
 #: Handlers registered with the module-level :func:`on_initialise`: they run for every app.
 _global_handlers: list[Callable[[], Any]] = []
-
-#: Apps set up in this process, for the gunicorn hooks when the WSGI callable is wrapped.
-_apps: weakref.WeakSet[Flask] = weakref.WeakSet()
 
 
 def on_initialise(handler: Handler) -> Handler:
@@ -94,13 +89,23 @@ class Registry:
 
 
 class Lifecycle:
-    """One app's start-up and shut-down in the current process (see the module doc)."""
+    """One app's start-up and shut-down in the current process (see the module doc).
 
-    def __init__(self, app: Flask, state: AMQPState, registry: Registry, *, declare: bool,
-                 start_listeners: bool) -> None:
+    Plain: the Flask wiring (the ``before_request`` hook calling
+    :meth:`ensure_initialised`) is done by ``extension.py``.
+    """
+
+    def __init__(self, app: Flask, pools: Mapping[str, Pool], connect: Callable[[str], PukaConnection],
+                 topology: Topology, registry: Registry, *, declare: bool, start_listeners: bool,
+                 shutdown_timeout: float) -> None:
         self.app = app
-        self.state = state
+        self.pools = pools
+        #: ``connect(pool_name)``: a shared connection of that pool (raises KeyError naming unknown pools).
+        self.connect = connect
+        #: The app's topology: AMQP_TOPOLOGY plus what was registered.
+        self.topology = topology
         self.registry = registry
+        self.shutdown_timeout = shutdown_timeout
         #: AMQP_DECLARE_ON_START: declare the topology at start and after every reconnect.
         self.declare = declare
         #: AMQP_START_LISTENERS: start listeners when a web process initialises.
@@ -153,7 +158,7 @@ class Lifecycle:
         try:
             self._declare_at_start()
             for handler in [*_global_handlers, *self.registry.handlers]:
-                step = f"on_initialise handler {_callback_name(handler)}"
+                step = f"on_initialise handler {callback_name(handler)}"
                 with self.app.app_context():
                     handler()
             for spec in self.registry.listeners:
@@ -165,7 +170,7 @@ class Lifecycle:
                 "this process will not serve requests until it is restarted")
             self._error.__cause__ = exc
             log.error("%s", self._error, exc_info=exc)
-            self._stop_listeners(timeout=min(self.state.shutdown_timeout, 2.0))
+            self._stop_listeners(timeout=min(self.shutdown_timeout, 2.0))
         finally:
             self._running = False
             self._spawn = True
@@ -174,16 +179,16 @@ class Lifecycle:
     def _declare_at_start(self) -> None:
         if not self.declare:
             return
-        topology = self.state.topology
+        topology = self.topology
         if topology:
             try:
-                declared = topology.declare(self.state.connection("publish"))
+                declared = topology.declare(self.connect("publish"))
                 log.info("declared %d AMQP objects", len(declared))
             except (ConnectionError, Timeout) as exc:
                 log.warning("cannot declare the AMQP topology now (%s); it will be declared when the "
                             "connections open", exc)
         # Every connection re-declares it after each (re)open, before its consumers resume.
-        for pool in self.state.pools.values():
+        for pool in self.pools.values():
             if topology.redeclare_hook not in pool.on_open:
                 pool.on_open.append(topology.redeclare_hook)
 
@@ -192,8 +197,8 @@ class Lifecycle:
                           options: ListenerOptions | None = None) -> Listener:
         """Make a listener and start it, unless this is a ``flask amqp declare`` initialisation."""
         self._this_process()
-        listener = Listener(self.app, queue, callback, options or ListenerOptions(), self.state.connection,
-                            topology=self.state.topology, redeclare=self.declare)
+        listener = Listener(self.app, queue, callback, options or ListenerOptions(), self.connect,
+                            topology=self.topology, redeclare=self.declare)
         self.listeners.append(listener)
         if self._spawn:
             try:
@@ -222,7 +227,7 @@ class Lifecycle:
         """Stop every listener gracefully; True when every running callback finished in time."""
         if self._pid != os.getpid():
             return True
-        return self._stop_listeners(self.state.shutdown_timeout if timeout is None else timeout)
+        return self._stop_listeners(self.shutdown_timeout if timeout is None else timeout)
 
     def _stop_listeners(self, timeout: float) -> bool:
         listeners = [listener for listener in self.listeners if listener.started]
@@ -233,33 +238,3 @@ class Lifecycle:
         for listener in listeners:
             finished = listener.stop(max(0.0, deadline - time.monotonic())) and finished
         return finished
-
-
-def _flag(app: Flask, key: str) -> bool:
-    value = app.config[key]
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"must be True or False, got {value!r}")
-    return value
-
-
-def attach(app: Flask, state: AMQPState, registry: Registry) -> None:
-    """Wire topology, lifecycle, the ``before_request`` hook and ``flask amqp`` into an app.
-
-    Called by ``init_app``; reads ``AMQP_TOPOLOGY``, ``AMQP_DECLARE_ON_START``
-    and ``AMQP_START_LISTENERS`` once.
-
-    :raises ConfigError: naming the offending key.
-    """
-    from .cli import amqp_cli
-
-    state.topology = topology_from_config(app.config["AMQP_TOPOLOGY"]).include(registry.topology)
-    state.lifecycle = Lifecycle(app, state, registry, declare=_flag(app, "AMQP_DECLARE_ON_START"),
-                                start_listeners=_flag(app, "AMQP_START_LISTENERS"))
-    app.before_request(state.lifecycle.ensure_initialised)
-    app.cli.add_command(amqp_cli)
-    _apps.add(app)
-
-
-def live_apps() -> list[Flask]:
-    """The apps set up with the extension in this process."""
-    return [app for app in list(_apps) if "amqp" in app.extensions]

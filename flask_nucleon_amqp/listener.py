@@ -124,10 +124,11 @@ class ListenerOptions:
                              "last attempt goes to the queue's dead-letter queue; leave on_error at its default")
 
 
-def _callback_name(callback: Any) -> str:
+def callback_name(callback: Any) -> str:
+    """A readable name for a callback, for logs: module.qualname, with the bound arguments of a partial."""
     if isinstance(callback, functools.partial):
         bound = ", ".join([*map(repr, callback.args), *(f"{k}={v!r}" for k, v in callback.keywords.items())])
-        return f"{_callback_name(callback.func)}({bound}, ...)"
+        return f"{callback_name(callback.func)}({bound}, ...)"
     module = getattr(callback, "__module__", None)
     name = getattr(callback, "__qualname__", None) or repr(callback)
     return f"{module}.{name}" if module else name
@@ -184,7 +185,7 @@ class Listener:
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopping.is_set() else "consuming" if self.consuming else "idle"
-        return f"<Listener {self.queue!r} {_callback_name(self.callback)} {state}>"
+        return f"<Listener {self.queue!r} {callback_name(self.callback)} {state}>"
 
     @property
     def started(self) -> bool:
@@ -204,7 +205,7 @@ class Listener:
         o = self.options
         on_error = (f"retry ({o.retry.describe()}), then {_retry.dead_queue_name(self.queue)!r}"
                     if o.retry is not None else o.on_error)
-        return (f"queue {self.queue!r} -> {_callback_name(self.callback)} (pool {o.type!r}, "
+        return (f"queue {self.queue!r} -> {callback_name(self.callback)} (pool {o.type!r}, "
                 f"prefetch {o.prefetch_count}, concurrency {o.concurrency}, on error: {on_error})")
 
     def register_declarations(self) -> None:
@@ -293,7 +294,7 @@ class Listener:
         self.connection = conn
         self.promise = conn.consume(self.queue, functools.partial(self._on_delivery, conn),
                                     prefetch_count=self.options.prefetch_count)
-        log.info("listening on %r (%s)", self.queue, _callback_name(self.callback))
+        log.info("listening on %r (%s)", self.queue, callback_name(self.callback))
 
     def _declare_retry_queues(self, conn: PukaConnection) -> None:
         """Declare the retry queues before consuming, so the first failure has somewhere to go.
@@ -356,7 +357,7 @@ class Listener:
 
     def _failed(self, conn: PukaConnection, message: Message, exc: Exception) -> None:
         """The callback (or its reply) raised: log it, then requeue, reject, retry or dead-letter."""
-        where = f"listener on {self.queue!r}: {_callback_name(self.callback)} raised on delivery {message.delivery_tag}"
+        where = f"listener on {self.queue!r}: {callback_name(self.callback)} raised on delivery {message.delivery_tag}"
         policy = self.options.retry
         if message.settled:
             log.error("%s; message already settled by the callback", where, exc_info=exc)
@@ -391,7 +392,7 @@ class Listener:
         reply_to = message.reply_to
         if not reply_to:
             log.debug("listener on %r: %s returned a value but delivery %s has no reply_to; not replying",
-                      self.queue, _callback_name(self.callback), message.delivery_tag)
+                      self.queue, callback_name(self.callback), message.delivery_tag)
             return
         publisher = self._publisher(conn)
         correlation_id = message.correlation_id
