@@ -122,7 +122,7 @@ class Lifecycle:
         self._done = False
         self._running = False
         self._error: InitialisationError | None = None
-        self._spawn = True
+        self._start_new_listeners = True
         self.listeners: list[Listener] = []
 
     @property
@@ -146,14 +146,15 @@ class Lifecycle:
         if not self._done:
             with self._lock:  # concurrent first requests wait here for the one that runs the handlers
                 if not self._done and not self._running:  # _running: re-entered from a handler
-                    self._run(self.autostart if start_listeners is None else start_listeners)
+                    self._run_steps(self.autostart if start_listeners is None else start_listeners)
         if self._error is not None:
             # A new exception each time: re-raising one object would grow its traceback per request.
             raise InitialisationError(str(self._error)) from self._error.__cause__
 
-    def _run(self, spawn: bool) -> None:
+    def _run_steps(self, start_listeners: bool) -> None:
+        """Declare, run the handlers, register (and maybe start) the listeners; remember a failure."""
         self._running = True
-        self._spawn = spawn
+        self._start_new_listeners = start_listeners
         step = "declaring the topology"
         try:
             self._declare_at_start()
@@ -173,7 +174,7 @@ class Lifecycle:
             self._stop_listeners(timeout=min(self.shutdown_timeout, 2.0))
         finally:
             self._running = False
-            self._spawn = True
+            self._start_new_listeners = True
             self._done = True
 
     def _declare_at_start(self) -> None:
@@ -200,7 +201,7 @@ class Lifecycle:
         listener = Listener(self.app, queue, callback, options or ListenerOptions(), self.connect,
                             topology=self.topology, redeclare=self.declare)
         self.listeners.append(listener)
-        if self._spawn:
+        if self._start_new_listeners:
             try:
                 listener.start()
             except BaseException:

@@ -14,6 +14,7 @@ from gevent.queue import Queue as GQueue
 
 from flask_nucleon_amqp import AMQP, AMQPState, Binding, Exchange, Message, NotFound, PukaConnection, Queue
 from flask_nucleon_amqp import listener as listener_module
+from flask_nucleon_amqp import memory
 
 from _proxy import Proxy
 from conftest import BROKER_HOST, BROKER_PORT, Names, close_broker_connection, make_app, wait_until
@@ -273,11 +274,26 @@ def test_stop_timeout_cuts_off_a_callback_and_requeues_its_message(names: Names,
     message.ack()
 
 
+@pytest.fixture(params=["rabbitmq", "memory"])
+def any_state(request: pytest.FixtureRequest, names: Names) -> Iterator[AMQPState]:
+    """The state of an app on the real broker, or on a memory broker of this test's own."""
+    if request.param == "rabbitmq":
+        app = make_app()
+    else:
+        app = make_app(AMQP_URL=f"memory://listener-{names.run}")
+    AMQP(app)
+    yield app.extensions["amqp"]
+    app.extensions["amqp"].close(timeout=5)
+    if request.param == "memory":
+        memory.reset(f"listener-{names.run}")
+
+
 def test_a_poison_message_is_tried_about_once_a_second_while_the_others_flow(
-        names: Names, state: AMQPState, caplog: pytest.LogCaptureFixture) -> None:
+        names: Names, any_state: AMQPState, caplog: pytest.LogCaptureFixture) -> None:
     """Default on_error="requeue": a callback that always raises on one message does not loop at full speed
     (it was redelivered 3,143 times in 2 s), the good messages are all handled meanwhile, and the traceback
     is logged once, then one line per 1, 2, 4... repeats."""
+    state = any_state
     queue = names.queue()
     state.queue_declare(queue)
     poison_attempts: list[float] = []
@@ -312,3 +328,31 @@ def test_a_poison_message_is_tried_about_once_a_second_while_the_others_flow(
     assert listener.stats["handled"] == 50 and listener.stats["failed"] == attempts
     listener.stop(timeout=5)  # the held poison message goes back to the queue at once
     assert wait_until(lambda: _ready(state, queue) == 1, timeout=5)
+
+
+def test_listener_whose_queue_went_while_disconnected_consumes_again_when_it_is_back(
+        names: Names, state: AMQPState) -> None:
+    """The broker refuses to resume the consumer (queue gone) without a cancel notification: the supervisor
+    looks after the connection recovered, and consumes again once the queue exists again."""
+    queue = names.queue()
+    proxy = Proxy((BROKER_HOST, BROKER_PORT))
+    app = make_app(AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F")
+    AMQP(app)
+    proxied: AMQPState = app.extensions["amqp"]
+    got: GQueue = GQueue()
+    try:
+        state.queue_declare(queue)  # `state` talks to the broker directly
+        listener = proxied.register_and_spawn_amqp_listener(queue, lambda c, p, m: got.put(m.body))
+        proxy.refuse = True
+        proxy.cut()
+        assert wait_until(lambda: listener.connection is not None and not listener.connection.is_open)
+        state.queue_delete(queue)
+        proxy.refuse = False
+        assert wait_until(lambda: not listener.consuming, timeout=10)  # resume refused: NotFound
+        state.queue_declare(queue)
+        assert wait_until(lambda: listener.consuming, timeout=15)
+        state.publish("", queue, b"back again")
+        assert got.get(timeout=10) == b"back again"
+    finally:
+        proxied.close(timeout=5)
+        proxy.close()
