@@ -12,9 +12,8 @@ import pytest
 from flask import Flask, current_app
 from gevent.queue import Queue as GQueue
 
-from flask_nucleon_amqp import AMQP, AMQPState, Binding, Exchange, Message, NotFound, PukaConnection, Queue
+from flask_nucleon_amqp import AMQP, AMQPState, Binding, Exchange, Message, NotFound, PukaConnection, Queue, memory
 from flask_nucleon_amqp import listener as listener_module
-from flask_nucleon_amqp import memory
 
 from _proxy import Proxy
 from conftest import BROKER_HOST, BROKER_PORT, Names, close_broker_connection, make_app, wait_until
