@@ -411,7 +411,7 @@ def current_amqp() -> AMQPState:
     """
     if not has_app_context():
         raise RuntimeError("no application context: current_amqp() works inside a request or app context")
-    return state_of(current_app._get_current_object())  # type: ignore[attr-defined]
+    return state_of(current_app)
 
 
 def live_apps() -> list[Flask]:
