@@ -23,7 +23,9 @@ Poison messages do not spin: a message whose callback always raises is, with
 the default ``"requeue"``, tried about once a second per listener rather than
 as fast as the broker can redeliver it, while the worker it failed in goes
 on with other messages (the held message takes one of the ``prefetch_count``
-slots meanwhile). The log shows the traceback of an error once; the same
+slots meanwhile; with ``prefetch_count=1`` that is the only one, and since
+the broker requeues a message at its old place, a message that always fails
+then holds up the queue: use ``retry=``, which moves it aside). The log shows the traceback of an error once; the same
 error again (same callback, exception type and text) is logged as one line
 with the count of repeats, at 1, 2, 4, 8... repeats and at least every
 :data:`REPEAT_LOG_INTERVAL` seconds. ``on_error="reject"``/``"dead-letter"``
