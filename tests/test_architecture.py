@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import flask_nucleon_amqp
@@ -103,6 +104,19 @@ def test_no_import_circle() -> None:
         if module not in state:
             visit(module)
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(circle) for circle in circles)
+
+
+def test_the_readme_shows_the_layers_of_the_code() -> None:
+    """README's architecture table (layer number, modules) is LAYERS, for every module of the package."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- layers:start -->", 1)[1].split("<!-- layers:end -->", 1)[0]
+    shown: dict[str, int] = {}
+    for row in re.findall(r"^\s*\| (\d+) \| ([^|]*) \|", table, flags=re.MULTILINE):
+        shown.update((module, int(row[0])) for module in re.findall(r"`([\w.]+)`", row[1]))
+    layer_of = _layer_of()
+    assert {module: layer_of.get(module) for module in shown} == shown, "README rows whose layer is not LAYERS'"
+    missing = [module for module in _modules() if module not in shown and module != "__init__"]
+    assert not missing, f"README's architecture table lacks {missing}"
 
 
 def test_the_import_parser_sees_every_form() -> None:
