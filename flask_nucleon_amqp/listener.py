@@ -362,7 +362,7 @@ class Listener:
         if self._recovered:
             self._recovered = False
             for pause in CHECKS_AFTER_RECOVERY:
-                if self._stopping.wait(pause) or not self.consuming:
+                if self._news.wait(pause) or not self.consuming:  # more news (a cancel, a stop) ends the looks
                     return
 
     def _on_consumer_cancelled(self, sender: Any, promise: int, **_: Any) -> None:
