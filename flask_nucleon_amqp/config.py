@@ -75,12 +75,6 @@ def _heartbeat(key: str, value: Any) -> float:
     return float(round(seconds))
 
 
-def _mapping(key: str, value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(key, f"must be a dict, got {type(value).__name__}")
-    return value
-
-
 def _pools(key: str, value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(key, f"must be a dict from pool name to settings, got {type(value).__name__}")
