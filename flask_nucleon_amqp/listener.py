@@ -29,7 +29,10 @@ then holds up the queue: use ``retry=``, which moves it aside). The log shows th
 error again (same callback, exception type and text) is logged as one line
 with the count of repeats, at 1, 2, 4, 8... repeats and at least every
 :data:`REPEAT_LOG_INTERVAL` seconds. ``on_error="reject"``/``"dead-letter"``
-or ``retry=`` choose another policy.
+or ``retry=`` choose another policy. On a quorum queue declared with a
+delivery limit (``x-delivery-limit``), each of these requeues counts as a
+delivery (the ``x-delivery-count`` header), so the broker itself drops or
+dead-letters the message once the limit is reached.
 
 Replies: when the callback **returns** a value other than None and the
 message has ``reply_to`` (a request made with :meth:`PukaConnection.call`, or
