@@ -355,3 +355,23 @@ def test_listener_whose_queue_went_while_disconnected_consumes_again_when_it_is_
     finally:
         proxied.close(timeout=5)
         proxy.close()
+
+
+def test_a_quorum_queues_delivery_limit_ends_a_poison_message(names: Names, state: AMQPState) -> None:
+    """Each held-then-requeued attempt counts as a delivery (x-delivery-count): the broker drops the message
+    at the queue's x-delivery-limit, about one attempt a second until then."""
+    queue = names.queue()
+    state.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 2})
+    attempts: list[tuple[float, Any]] = []
+
+    def poison(connection: PukaConnection, promise: int, message: Message) -> None:
+        attempts.append((time.monotonic(), (message.headers or {}).get("x-delivery-count")))
+        raise ValueError("never works")
+
+    listener = state.register_and_spawn_amqp_listener(queue, poison)
+    state.publish("", queue, b"poison")
+    assert wait_until(lambda: len(attempts) == 3, timeout=10)
+    gevent.sleep(2.5)  # the third is held 1 s, requeued, and then dropped by the broker: no fourth attempt
+    assert [count for _, count in attempts] == [None, 1, 2]
+    assert _ready(state, queue) == 0 and listener.stats["failed"] == 3
+    assert attempts[2][0] - attempts[0][0] >= 2 * listener_module.REQUEUE_DELAY * 0.9
