@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .exceptions import ConfigError
+from .runtime import check_mode
 
 __all__ = ["Setting", "APP_SETTINGS", "POOL_SETTINGS", "AppSettings", "Node", "TLSSettings", "PoolSettings",
            "read_settings", "read_config", "parse_bool", "DEFAULT_URL"]
@@ -178,6 +179,9 @@ APP_SETTINGS: dict[str, Setting] = {
     "AMQP_START_LISTENERS": Setting(True, parse_bool,
                                     "start listeners when a web process initialises; False leaves them to "
                                     "`flask amqp listen`"),
+    "AMQP_RUNTIME": Setting("auto", lambda k, v: check_mode(v, k),
+                            "where connections, listeners and callbacks run: auto, gevent (the main thread's "
+                            "gevent hub) or thread (a hub thread of the extension's own)"),
 }
 
 #: Every key of one pool's dict in ``AMQP_POOLS``.
@@ -278,6 +282,8 @@ class AppSettings:
     topology: Mapping[str, Any]
     declare_on_start: bool
     start_listeners: bool
+    #: AMQP_RUNTIME: "auto", "gevent" or "thread" (see runtime.py).
+    runtime: str
 
 
 def _pool_settings(name: str, base: Mapping[str, Any], raw: Any, key: str) -> PoolSettings:
@@ -335,7 +341,7 @@ def read_settings(config: Mapping[str, Any]) -> AppSettings:
              for name, raw in merged.items()}
     return AppSettings(pools=pools, shutdown_timeout=values["AMQP_SHUTDOWN_TIMEOUT"],
                        topology=values["AMQP_TOPOLOGY"], declare_on_start=values["AMQP_DECLARE_ON_START"],
-                       start_listeners=values["AMQP_START_LISTENERS"])
+                       start_listeners=values["AMQP_START_LISTENERS"], runtime=values["AMQP_RUNTIME"])
 
 
 def read_config(config: Mapping[str, Any]) -> dict[str, PoolSettings]:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup
 
+from . import runtime as _runtime
 from .config import APP_SETTINGS, AppSettings, read_settings
 from .connection import Callback, PukaConnection
 from .lifecycle import Lifecycle, ListenerSpec, Registry
@@ -26,6 +27,7 @@ from .listener import Listener, ListenerOptions, MessageCallback
 from .message import _NOTHING, Message
 from .pool import Pool
 from .retry import RetryPolicy, retry_declarations
+from .runtime import Runtime, in_hub
 from .topology import Declaration, Topology, topology_from_config
 
 __all__ = ["AMQP", "AMQPState", "current_amqp", "state_of", "amqp_cli", "live_apps"]
@@ -57,15 +59,26 @@ class AMQPState:
         #: Each pool's settings, by pool name.
         self.settings = settings.pools
         self.shutdown_timeout = settings.shutdown_timeout
-        self.pools = {name: Pool(pool_settings) for name, pool_settings in settings.pools.items()}
+        #: AMQP_RUNTIME: "auto", "gevent" or "thread" (see runtime.py).
+        self.runtime_mode = settings.runtime
+        self._runtime: Runtime | None = None
+        self.pools = {name: Pool(pool_settings, self.runtime_mode) for name, pool_settings in settings.pools.items()}
         self.closed = False
         #: Start-up and shut-down of this process (see lifecycle.py).
         self.lifecycle = Lifecycle(app, self.pools, self.connection, self.topology, registry,
                                    declare=settings.declare_on_start, start_listeners=settings.start_listeners,
-                                   shutdown_timeout=settings.shutdown_timeout)
+                                   shutdown_timeout=settings.shutdown_timeout, runtime_of=lambda: self.runtime)
 
     def __repr__(self) -> str:
         return f"<AMQPState pools={sorted(self.pools)}>"
+
+    @property
+    def runtime(self) -> Runtime:
+        """Where this app's connections, listeners and callbacks run (see runtime.py)."""
+        runtime = self._runtime
+        if runtime is None or not runtime.alive:
+            runtime = self._runtime = _runtime.get(self.runtime_mode)
+        return runtime
 
     def pool(self, name: str = "publish") -> Pool:
         """The pool called ``name`` ("publish" and "listen" always exist).
@@ -144,6 +157,7 @@ class AMQPState:
         """basic.nack a message (as :meth:`reject`)."""
         message.nack(requeue)
 
+    @in_hub
     def cancel(self, promise: int, timeout: float | None = None) -> None:
         """Cancel a consumer started through any pool of this app.
 
@@ -215,6 +229,7 @@ class AMQPState:
                                               timeout=timeout)
 
     # Lifecycle: topology, listeners, initialisation (see lifecycle.py).
+    @in_hub
     def declare(self, *declarations: Declaration) -> list[Declaration]:
         """Register Exchange/Queue/Binding values in this app's topology and declare them now.
 
@@ -223,6 +238,7 @@ class AMQPState:
         self.topology.add(*declarations)
         return self.topology.declare(self.connection(), only=declarations)
 
+    @in_hub
     def register_and_spawn_amqp_listener(self, queue: str, callback: MessageCallback, type: str = "listen", *,
                                          prefetch_count: int = 10, concurrency: int | None = None,
                                          on_error: str = "requeue",
@@ -253,10 +269,12 @@ class AMQPState:
         """The listeners of this process."""
         return self.lifecycle.listeners
 
+    @in_hub
     def initialise(self, start_listeners: bool | None = None) -> None:
         """Run the on_initialise steps now if this process has not yet (see lifecycle.py)."""
         self.lifecycle.initialise(start_listeners=start_listeners)
 
+    @in_hub
     def health(self) -> dict[str, Any]:
         """A JSON-able health report for a ``/healthz`` route; never waits, never opens a new connection
         per call (a pool with no open connection starts one attempt in the background).
@@ -264,10 +282,11 @@ class AMQPState:
         pools = {name: pool.health() for name, pool in self.pools.items()}
         listeners = [{"queue": listener.queue, "consuming": listener.consuming} for listener in self.listeners]
         ok = all(pool["ok"] for pool in pools.values()) and all(entry["consuming"] for entry in listeners)
-        return {"ok": ok, "pools": pools, "listeners": listeners}
+        return {"ok": ok, "pools": pools, "listeners": listeners, "runtime": self.runtime.describe()}
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per pool: connections open, pending operations, publishes confirmed/failed, deliveries."""
+        """Per pool: connections open, pending operations, publishes confirmed/failed, deliveries,
+        and ``runtime``: "gevent" or "thread" (None before first use; see runtime.py)."""
         return {name: pool.stats() for name, pool in self.pools.items()}
 
     def close(self, timeout: float | None = None) -> None:
@@ -277,6 +296,20 @@ class AMQPState:
         """
         if self.closed:
             return
+        used = {id(runtime): runtime for runtime in [self._runtime, *(pool._runtime for pool in self.pools.values())]
+                if runtime is not None}
+        if used:
+            self._close_in_hub(timeout)
+        else:  # never used: no hub to start just to close
+            self._close(timeout)
+        for runtime in used.values():  # the last app using a hub thread closed: stop it
+            if not any(state._uses(runtime) for state in list(_live_states) if not state.closed):
+                runtime.stop(min(self.shutdown_timeout, 5.0))
+
+    def _uses(self, runtime: Runtime) -> bool:
+        return self._runtime is runtime or any(pool._runtime is runtime for pool in self.pools.values())
+
+    def _close(self, timeout: float | None) -> None:
         self.closed = True
         try:
             self.lifecycle.stop(timeout)  # listeners first: their callbacks finish and ack
@@ -287,6 +320,8 @@ class AMQPState:
                 pool.close(self.shutdown_timeout if timeout is None else timeout)
             except Exception:  # noqa: BLE001 - shutting down must go on for the other pools
                 log.exception("closing AMQP pool %r failed", pool.name)
+
+    _close_in_hub = in_hub(_close)
 
 
 _live_states: weakref.WeakSet[AMQPState] = weakref.WeakSet()
@@ -299,6 +334,7 @@ def _close_all_at_exit() -> None:
             state.close()
         except Exception:  # noqa: BLE001 - never raise at interpreter exit
             pass
+    _runtime.shutdown()
 
 
 class AMQP:

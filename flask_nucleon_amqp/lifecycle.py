@@ -38,6 +38,7 @@ from .connection import PukaConnection
 from .exceptions import AMQPError, ConnectionError, Timeout
 from .listener import Listener, ListenerOptions, MessageCallback, callback_name
 from .pool import Pool
+from .runtime import Runtime, in_hub
 from .topology import Topology
 
 __all__ = ["on_initialise", "InitialisationError", "Lifecycle", "Registry", "ListenerSpec"]
@@ -97,8 +98,10 @@ class Lifecycle:
 
     def __init__(self, app: Flask, pools: Mapping[str, Pool], connect: Callable[[str], PukaConnection],
                  topology: Topology, registry: Registry, *, declare: bool, start_listeners: bool,
-                 shutdown_timeout: float) -> None:
+                 shutdown_timeout: float, runtime_of: Callable[[], Runtime]) -> None:
         self.app = app
+        #: ``runtime_of()``: the app's runtime (resolved on first use, see runtime.py).
+        self._runtime_of = runtime_of
         self.pools = pools
         #: ``connect(pool_name)``: a shared connection of that pool (raises KeyError naming unknown pools).
         self.connect = connect
@@ -126,6 +129,11 @@ class Lifecycle:
         self.listeners: list[Listener] = []
 
     @property
+    def runtime(self) -> Runtime:
+        """The app's runtime: initialising, listeners and stopping run in its hub, whatever thread asks."""
+        return self._runtime_of()
+
+    @property
     def initialised(self) -> bool:
         return self._pid == os.getpid() and self._done and self._error is None
 
@@ -136,6 +144,7 @@ class Lifecycle:
             return
         self.initialise()
 
+    @in_hub
     def initialise(self, *, start_listeners: bool | None = None) -> None:
         """Initialise this process once: topology, handlers, listeners (see the module doc).
 
@@ -211,6 +220,7 @@ class Lifecycle:
             listener.register_declarations()  # `flask amqp declare` declares its retry queues
         return listener
 
+    @in_hub
     def start_listeners(self) -> list[Listener]:
         """Start every registered listener not started yet (``flask amqp listen``)."""
         self._this_process()
@@ -219,11 +229,13 @@ class Lifecycle:
                 listener.start()
         return list(self.listeners)
 
+    @in_hub
     def cancel_listeners(self) -> None:
         """Stop taking deliveries at once (basic.cancel); running callbacks go on (SIGTERM)."""
         for listener in list(self.listeners):
             listener.cancel()
 
+    @in_hub
     def stop(self, timeout: float | None = None) -> bool:
         """Stop every listener gracefully; True when every running callback finished in time."""
         if self._pid != os.getpid():

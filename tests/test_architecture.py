@@ -15,7 +15,7 @@ PACKAGE = Path(flask_nucleon_amqp.__file__).resolve().parent
 #: put it in the lowest layer whose modules it needs, or add a layer.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("exceptions",),
-    ("config", "message", "signals"),
+    ("config", "message", "runtime", "signals"),
     ("_puka",),
     ("_base", "protocol"),
     ("connection", "memory", "_memory_broker"),  # the transports
