@@ -29,6 +29,7 @@ from .lifecycle import InitialisationError, on_initialise
 from .listener import Listener
 from .message import Message
 from .pool import Pool
+from .protocol import Connection
 from .retry import RetryPolicy
 from .topology import Binding, CheckResult, Exchange, Queue, Topology
 
@@ -44,6 +45,7 @@ __all__ = [
     "PoolSettings",
     "RetryPolicy",
     "CheckResult",
+    "Connection",
     "PukaConnection",
     "Message",
     "on_initialise",

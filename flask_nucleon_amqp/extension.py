@@ -21,11 +21,11 @@ from flask.cli import AppGroup
 
 from . import runtime as _runtime
 from .config import APP_SETTINGS, AppSettings, read_settings
-from .connection import Callback, PukaConnection
 from .lifecycle import Lifecycle, ListenerSpec, Registry
 from .listener import Listener, ListenerOptions, MessageCallback
 from .message import _NOTHING, Message
 from .pool import Pool
+from .protocol import Callback, Connection
 from .retry import RetryPolicy, retry_declarations
 from .runtime import Runtime, in_hub
 from .topology import Declaration, Topology, topology_from_config
@@ -94,7 +94,7 @@ class AMQPState:
         """Nucleon's name for :meth:`pool`: ``get_amqp_pool(type="listen")``."""
         return self.pool(type)
 
-    def connection(self, type: str = "publish") -> PukaConnection:
+    def connection(self, type: str = "publish") -> Connection:
         """A shared connection of the pool named ``type``."""
         return self.pool(type).connection()
 

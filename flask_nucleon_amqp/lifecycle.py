@@ -34,10 +34,10 @@ from typing import Any, TypeVar
 import gevent.lock
 from flask import Flask
 
-from .connection import PukaConnection
 from .exceptions import AMQPError, ConnectionError, Timeout
 from .listener import Listener, ListenerOptions, MessageCallback, callback_name
 from .pool import Pool
+from .protocol import Connection
 from .runtime import Runtime, in_hub
 from .topology import Topology
 
@@ -96,7 +96,7 @@ class Lifecycle:
     :meth:`ensure_initialised`) is done by ``extension.py``.
     """
 
-    def __init__(self, app: Flask, pools: Mapping[str, Pool], connect: Callable[[str], PukaConnection],
+    def __init__(self, app: Flask, pools: Mapping[str, Pool], connect: Callable[[str], Connection],
                  topology: Topology, registry: Registry, *, declare: bool, start_listeners: bool,
                  shutdown_timeout: float, runtime_of: Callable[[], Runtime]) -> None:
         self.app = app

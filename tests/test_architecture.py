@@ -1,4 +1,5 @@
-"""The package's structure: imports only go down the layers, and there is no import circle."""
+"""The package's structure, checked by reading the source (ast): imports only go down the layers, there is no
+import circle, and only _puka.py touches puka's internals."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "message", "runtime", "signals"),
     ("_puka",),
     ("_base", "protocol"),
-    ("connection", "memory", "_memory_broker"),  # the transports
+    ("connection", "_puka_session", "memory", "_memory_broker", "_memory_routing"),  # the transports
     ("pool",),
     ("topology", "retry"),
     ("listener",),
@@ -37,16 +38,32 @@ def _modules() -> list[str]:
     return sorted(path.stem for path in PACKAGE.glob("*.py"))
 
 
-def _imports(module: str) -> set[str]:
-    """Package modules ``module`` imports anywhere: at the top, in functions, under ``TYPE_CHECKING``."""
-    return _imports_in((PACKAGE / f"{module}.py").read_text(encoding="utf-8"), module)
+def _imports(module: str, *, running: bool = False) -> set[str]:
+    """Package modules ``module`` imports anywhere: at the top, in functions, under ``TYPE_CHECKING``.
+
+    ``running``: only the imports that run (not those under ``if TYPE_CHECKING:``).
+    """
+    return _imports_in((PACKAGE / f"{module}.py").read_text(encoding="utf-8"), module, running=running)
 
 
-def _imports_in(source: str, module: str) -> set[str]:
+def _type_checking_only(tree: ast.Module) -> set[ast.AST]:
+    """The import nodes inside ``if TYPE_CHECKING:`` blocks."""
+    inside: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for statement in node.body:
+                inside.update(ast.walk(statement))
+    return inside
+
+
+def _imports_in(source: str, module: str, *, running: bool = False) -> set[str]:
     tree = ast.parse(source)
     modules = set(_modules())
+    skipped = _type_checking_only(tree) if running else set()
     found: set[str] = set()
     for node in ast.walk(tree):
+        if node in skipped:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
@@ -84,7 +101,9 @@ def test_imports_only_go_down() -> None:
 
 
 def test_no_import_circle() -> None:
-    graph = {module: _imports(module) for module in _modules()}
+    """Among the imports that run; a ``TYPE_CHECKING`` back-reference (a session naming its connection's
+    class) must still not go up a layer (the test above), but is no circle."""
+    graph = {module: _imports(module, running=True) for module in _modules()}
     circles: list[list[str]] = []
     state: dict[str, str] = {}  # "visiting" or "done"
     path: list[str] = []
@@ -125,3 +144,86 @@ def test_the_import_parser_sees_every_form() -> None:
               "from .retry import RetryPolicy\nif TYPE_CHECKING:\n    from .extension import AMQPState\n"
               "def f():\n    from .listener import Listener\nimport json\nfrom flask import Flask\n")
     assert _imports_in(source, "probe") == {"signals", "__init__", "pool", "cli", "retry", "extension", "listener"}
+    assert _imports_in(source, "probe", running=True) == {"signals", "__init__", "pool", "cli", "retry", "listener"}
+
+
+# -- puka's internals stay in _puka.py ----------------------------------------------------------------
+#: The one module that may touch puka's internals (its fixes and accessors live there).
+PUKA_MODULE = "_puka.py"
+#: Names that, in this package, hold puka objects: its client, promise and channel registries.
+PUKA_HANDLES = frozenset({"client", "promises", "channels", "puka_promise", "promise", "channel"})
+
+
+def _puka_names(tree: ast.Module) -> set[str]:
+    """Names a module binds to puka's modules (and to our _puka module, whose ``_`` names are private too)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.asname or alias.name.split(".")[0] for alias in node.names
+                         if alias.name.split(".")[0] == "puka")
+        elif isinstance(node, ast.ImportFrom):
+            if node.module and node.module.split(".")[0] == "puka":
+                names.update(alias.asname or alias.name for alias in node.names)
+            elif node.level and (node.module or "") == "":
+                names.update(alias.asname or alias.name for alias in node.names if alias.name == "_puka")
+    return names
+
+
+def _chain(node: ast.expr) -> list[str]:
+    """The names along an attribute chain: ``session.client.promises`` -> [session, client, promises]."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return parts[::-1]
+
+
+def private_puka_accesses(source: str) -> list[str]:
+    """Every ``x._name`` in ``source`` where ``x`` is a puka module, client, promise or channel."""
+    tree = ast.parse(source)
+    modules = _puka_names(tree)
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+            continue
+        chain = _chain(node.value)
+        if chain and (chain[0] in modules or PUKA_HANDLES.intersection(chain)):
+            found.append((node.lineno, f"line {node.lineno}: {'.'.join(chain)}.{node.attr}"))
+    return [text for _, text in sorted(found)]
+
+
+def test_the_check_finds_what_connection_py_used_to_do() -> None:
+    source = """
+from puka import spec as puka_spec
+from . import _puka
+
+def f(session, client, puka_promise):
+    session.client.promises._promises.get(1)
+    client._send_frames(1, [])
+    client.channels.channels.get(2)
+    puka_spec._private
+    _puka._lenient_as_str(b"")
+    puka_promise._x
+    session._closed           # ours, not puka's
+    client.send_frames(1, [])  # public accessor
+"""
+    assert private_puka_accesses(source) == [
+        "line 6: session.client.promises._promises",
+        "line 7: client._send_frames",
+        "line 9: puka_spec._private",
+        "line 10: _puka._lenient_as_str",
+        "line 11: puka_promise._x",
+    ]
+
+
+def test_only_puka_module_touches_puka_internals() -> None:
+    offenders = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name == PUKA_MODULE:
+            continue
+        found = private_puka_accesses(path.read_text(encoding="utf-8"))
+        if found:
+            offenders[path.name] = found
+    assert offenders == {}, f"puka internals used outside {PUKA_MODULE}: {offenders}"
