@@ -1,4 +1,4 @@
-"""The ``flask amqp`` click group: one-line errors, ``--verbose``, and quiet library logs.
+"""The ``flask amqp`` click group: one-line errors, ``--verbose``, quiet library logs, waiting for a signal.
 
 It lives below :mod:`~flask_nucleon_amqp.extension` (which adds it to every app) and
 :mod:`~flask_nucleon_amqp.cli` (which fills it with the commands), so imports only go down.
@@ -7,6 +7,7 @@ It lives below :mod:`~flask_nucleon_amqp.extension` (which adds it to every app)
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -14,7 +15,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
+import gevent
 from flask.cli import AppGroup
+from gevent.event import AsyncResult
 
 from .exceptions import AMQPError
 
@@ -99,3 +102,21 @@ amqp_cli = _AMQPGroup("amqp", help="Declare, inspect and use the app's AMQP brok
                       callback=_group, params=[click.Option(
                           ["--verbose", "-v"], is_flag=True,
                           help="On an error, show the traceback; show the library's log lines (DEBUG) on stderr.")])
+
+
+def _wait_for_signal() -> int:
+    """Block this greenlet (not the hub) until SIGTERM or SIGINT; return which."""
+    received: AsyncResult = AsyncResult()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in signals}
+    watchers = [gevent.signal_handler(signum, received.set, signum) for signum in signals]
+    try:
+        while not received.ready():  # with a timeout: a hub with only signal watchers would exit its loop
+            received.wait(1.0)
+        return int(received.get())
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+        for signum, handler in previous.items():  # libev leaves SIG_DFL behind
+            if handler is not None:
+                signal.signal(signum, handler)

@@ -24,9 +24,8 @@ from urllib.parse import quote, urlsplit
 import click
 import gevent
 from flask import current_app
-from gevent.event import AsyncResult
 
-from ._cli_group import _one_line, _quiet_library, amqp_cli
+from ._cli_group import _one_line, _quiet_library, _wait_for_signal, amqp_cli
 from .exceptions import AMQPError, NotFound, Unroutable
 from .topology import CHECK_STATUSES, Queue
 
@@ -172,24 +171,6 @@ def listen_command(timeout: float | None) -> None:
     failed = sum(listener.stats["failed"] for listener in listeners)
     click.echo(f"stopped: {handled} messages handled, {failed} failed"
                + ("" if finished else "; callbacks cut off at the timeout had their messages requeued"))
-
-
-def _wait_for_signal() -> int:
-    """Block this greenlet (not the hub) until SIGTERM or SIGINT; return which."""
-    received: AsyncResult = AsyncResult()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {signum: signal.getsignal(signum) for signum in signals}
-    watchers = [gevent.signal_handler(signum, received.set, signum) for signum in signals]
-    try:
-        while not received.ready():  # with a timeout: a hub with only signal watchers would exit its loop
-            received.wait(1.0)
-        return int(received.get())
-    finally:
-        for watcher in watchers:
-            watcher.cancel()
-        for signum, handler in previous.items():  # libev leaves SIG_DFL behind
-            if handler is not None:
-                signal.signal(signum, handler)
 
 
 def _header(value: str) -> tuple[str, str]:

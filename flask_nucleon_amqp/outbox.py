@@ -910,7 +910,7 @@ def _outboxes() -> list[OutboxState]:
 @click.option("--timeout", type=float, default=None, help="Seconds the batch in flight gets at shutdown.")
 def relay_command(timeout: float | None) -> None:
     """Run the outbox relay in the foreground until SIGTERM or Ctrl-C."""
-    from .cli import _wait_for_signal
+    from ._cli_group import _wait_for_signal
 
     states = _outboxes()
     for state in states:

@@ -16,7 +16,7 @@ PACKAGE = Path(flask_nucleon_amqp.__file__).resolve().parent
 #: put it in the lowest layer whose modules it needs, or add a layer.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("exceptions",),
-    ("config", "message", "runtime", "signals"),
+    ("config", "message", "runtime", "signals", "tracing"),
     ("_puka",),
     ("_base", "protocol"),
     ("connection", "_puka_session", "memory", "_memory_broker", "_memory_routing"),  # the transports
@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("listener",),
     ("lifecycle", "_cli_group"),
     ("extension",),  # all the Flask wiring: init_app, before_request, the `flask amqp` group, app.extensions
+    ("outbox",),  # the transactional outbox: publishes through the extension's pools
     ("cli", "gunicorn", "testing", "metrics"),
     ("__init__",),  # the package's face: re-exports, and loads the CLI commands
 )
