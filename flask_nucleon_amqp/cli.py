@@ -27,11 +27,11 @@ from flask import current_app
 
 from ._cli_group import _one_line, _quiet_library, _wait_for_signal, amqp_cli
 from .exceptions import AMQPError, NotFound, Unroutable
+from .extension import AMQPState
 from .topology import CHECK_STATUSES, Queue
 
 if TYPE_CHECKING:
     from .config import PoolSettings
-    from .extension import AMQPState
 
 __all__ = ["amqp_cli"]
 
