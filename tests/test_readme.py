@@ -212,6 +212,10 @@ def test_the_command_table_lists_every_flask_amqp_command() -> None:
     options = {(command, option) for command, option in re.findall(r"`flask amqp (\w+) \[(--[\w-]+)", section)}
     for command, option in options:
         assert any(option in param.opts for param in amqp_cli.commands[command].params), (command, option)
+    # `listen --timeout S` is the shutdown grace period, not a run time: README and --help say so.
+    [timeout] = [param for param in amqp_cli.commands["listen"].params if "--timeout" in param.opts]
+    assert "at shutdown" in (getattr(timeout, "help", None) or "")
+    assert "`S` is how long running callbacks get to finish" in section
 
 
 def test_links_and_images_exist() -> None:
