@@ -437,6 +437,56 @@ def test_publish_errors(c: Any, other: Any, n: AMQPNames) -> None:
     assert _bodies(c, queue) == [b"still fine"]
 
 
+def test_a_publish_to_a_missing_exchange_fails_alone(c: Any, n: AMQPNames) -> None:
+    """400 concurrent good publishes and one to a missing exchange on one connection: only that one fails."""
+    queue, missing = n.queue(), n.exchange("absent")
+    c.queue_declare(queue)
+    outcomes: dict[int, Any] = {}
+
+    def publish(i: int) -> None:
+        try:
+            c.publish(missing if i == 200 else "", queue, str(i))
+            outcomes[i] = "confirmed"
+        except Exception as exc:  # noqa: BLE001 - the test looks at every outcome
+            outcomes[i] = exc
+
+    gevent.joinall([gevent.spawn(publish, i) for i in range(401)], timeout=60)
+    assert isinstance(outcomes.pop(200), NotFound)
+    assert outcomes == {i: "confirmed" for i in range(401) if i != 200}
+    assert sorted(_bodies(c, queue)) == sorted(str(i).encode() for i in range(401) if i != 200)
+
+
+def test_one_bad_publish_in_a_batch_fails_alone(c: Any, n: AMQPNames) -> None:
+    queue, missing = n.queue(), n.exchange("absent")
+    c.queue_declare(queue)
+    results: Queue = Queue()
+    for exchange, body in [("", b"g1"), (missing, b"bad"), ("", b"g2"), ("", b"g3")]:
+        c.publish(exchange, queue, body, callback=lambda _p, result, body=body: results.put((body, result)))
+    outcomes = dict(results.get(timeout=10) for _ in range(4))
+    assert isinstance(outcomes.pop(b"bad"), NotFound)
+    assert outcomes == {b"g1": {}, b"g2": {}, b"g3": {}}
+    assert _bodies(c, queue) == [b"g1", b"g2", b"g3"]
+
+
+def test_a_mismatched_redeclare_fails_alone(c: Any, n: AMQPNames) -> None:
+    """A 406 one caller provokes (a topology operation has a channel of its own) fails no one else."""
+    queue, durable = n.queue(), n.queue("durable")
+    c.queue_declare(queue)
+    c.queue_declare(durable, durable=True)
+    results: Queue = Queue()
+    steps: list[tuple[str, Any]] = [("p1", lambda cb: c.publish("", queue, b"p1", callback=cb)),
+                                    ("bad", lambda cb: c.queue_declare(durable, callback=cb)),
+                                    ("q", lambda cb: c.queue_declare(queue, callback=cb)),
+                                    ("p2", lambda cb: c.publish("", queue, b"p2", callback=cb))]
+    for label, start in steps:
+        start(lambda _p, result, label=label: results.put((label, result)))
+    outcomes = dict(results.get(timeout=10) for _ in steps)
+    assert isinstance(outcomes.pop("bad"), PreconditionFailed)
+    assert outcomes["q"]["queue"] == queue
+    assert (outcomes["p1"], outcomes["p2"]) == ({}, {})
+    assert _bodies(c, queue) == [b"p1", b"p2"]
+
+
 def test_async_results_arrive_in_order(c: Any, n: AMQPNames) -> None:
     queue = n.queue()
     c.queue_declare(queue)
