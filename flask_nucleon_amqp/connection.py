@@ -466,7 +466,11 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             return
         limit = self._limit(timeout)
         started = consumer.started.wait(limit)  # basic.cancel before consume-ok confuses puka (D17)
-        if (not session.usable or isinstance(started, BaseException) or not consumer.started.ready()
+        if not consumer.started.ready():
+            # Cancel it once the broker confirms it: else its deliveries would be requeued for ever.
+            consumer.started.rawlink(lambda _started: self._cancel_subscription(consumer))
+            return
+        if (not session.usable or isinstance(started, BaseException)
                 or session.client.find_promise(consumer.puka_number) is None):
             return
         box = AsyncResult()
@@ -475,6 +479,14 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         self._wait(box, session, "cancel", timeout)
 
     basic_cancel = cancel
+
+    def _cancel_subscription(self, consumer: _PukaConsumer) -> None:
+        """Send basic.cancel for a consumer's subscription, without waiting (it was confirmed late)."""
+        session = consumer.session
+        if (session is not None and session.usable and consumer.started.get() is None
+                and session.client.find_promise(consumer.puka_number) is not None):
+            session.client.basic_cancel(consumer.puka_number, callback=lambda _number, _result: None)
+            session.schedule_flush()
 
     def qos(self, promise: int, prefetch_count: int, timeout: float | None = None) -> None:
         """Change how many unacked messages a consumer may hold.

@@ -415,6 +415,35 @@ def test_consumer_resumes_after_connection_is_forced_closed(conn: PukaConnection
     conn.cancel(promise)
 
 
+def test_cancel_whose_consume_ok_comes_late_cancels_once_it_comes(names: Names) -> None:
+    """cancel() gives up waiting for consume-ok; the broker's consumer must still go, not loop on requeues."""
+    proxy = Proxy((BROKER_HOST, BROKER_PORT))
+    app = make_app(AMQP_POOLS={"publish": {"port": proxy.port, "heartbeat": 0}})
+    AMQP(app)
+    conn = app.extensions["amqp"].connection("publish")
+    direct = AMQP(make_app()).get_amqp_pool().connection()  # to look at the queue past the proxy
+    try:
+        queue = names.queue()
+        direct.queue_declare(queue)
+        seen: list[bytes] = []
+        promise = conn.consume(queue, lambda _p, message: seen.append(message.body))
+        proxy.stall()
+        resubscribe = gevent.spawn(conn.qos, promise, 10, timeout=30)  # a new subscription, not yet confirmed
+        gevent.sleep(0.2)
+        conn.cancel(promise, timeout=0.5)  # gives up before that subscription's consume-ok
+        proxy.resume()
+        resubscribe.join(timeout=30)
+        assert wait_until(lambda: direct.queue_declare(queue, passive=True)["consumer_count"] == 0, timeout=10)
+        direct.publish("", queue, b"after cancel")
+        gevent.sleep(1)
+        assert direct.queue_declare(queue, passive=True)["message_count"] == 1
+        assert seen == [] and conn.stats["delivered"] == 0  # never delivered, rejected, redelivered...
+    finally:
+        app.extensions["amqp"].close(timeout=2)
+        direct.close(timeout=2)
+        proxy.close()
+
+
 def test_operation_timeout_raises_timeout_and_connection_recovers(names: Names) -> None:
     proxy = Proxy((BROKER_HOST, BROKER_PORT))
     app = make_app(AMQP_POOLS={"publish": {"port": proxy.port, "operation_timeout": 0.3, "heartbeat": 0}})
