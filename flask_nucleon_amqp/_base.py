@@ -153,7 +153,7 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         self._reply_consumer: _ConsumerT | None = None
         self.stats: dict[str, Any] = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0,
                                       "failed": 0, "delivered": 0, "acked": 0, "rejected": 0,
-                                      "blocked_seconds": 0.0}
+                                      "blocked_seconds": 0.0, "buffer_peak": 0}
         self._session: _SessionT | None = None
         #: How many queued callbacks may run now (a transport may hold some back: see MemoryConnection).
         self._arrived = 0

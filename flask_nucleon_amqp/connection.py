@@ -239,7 +239,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
     # -- publishing -----------------------------------------------------------------------------
     def _send_publish(self, message: _Publish, callback: Callback, timeout: float | None) -> int:
         session = self._live_session()
-        self._wait_for_room(session)
+        self._wait_for_room(session, len(message.data), timeout)
         promise = next(_promise_ids)
         self._begin()
         started = time.monotonic()
@@ -253,13 +253,13 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         session.client.publish(message.exchange, message.routing_key, message.data, message.properties,
                                message.mandatory, confirmed,
                                started + (self.settings.operation_timeout if timeout is None else timeout))
-        session.schedule_flush()
+        session.queued()
         self._published(context, message.data, message.properties)
         return promise
 
     def _publish_and_wait(self, message: _Publish, timeout: float | None) -> None:
         session = self._live_session()
-        self._wait_for_room(session)
+        self._wait_for_room(session, len(message.data), timeout)
         self._begin()
         started = time.monotonic()
         client = session.client
@@ -271,14 +271,14 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 client.publish(message.exchange, message.routing_key, message.data, message.properties,
                                message.mandatory, partial(session.hub.loop.run_callback, waiter.switch),
                                started + self.settings.operation_timeout)
-                session.schedule_flush()
+                session.queued()
                 self._published(message.context, message.data, message.properties)
                 result = waiter.get()
             else:
                 box = AsyncResult()
                 client.publish(message.exchange, message.routing_key, message.data, message.properties,
                                message.mandatory, box.set, started + timeout)
-                session.schedule_flush()
+                session.queued()
                 self._published(message.context, message.data, message.properties)
                 result = box.wait(timeout)
         finally:
@@ -297,14 +297,27 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             return self._error(result, session, **context)
         return None
 
-    def _wait_for_room(self, session: _PukaSession) -> None:
-        """Backpressure: wait while the broker blocks us or our write buffer is full."""
+    def _wait_for_room(self, session: _PukaSession, size: int, timeout: float | None) -> None:
+        """Backpressure: wait while the broker blocks us, or while ``size`` more bytes would overfill the buffer.
+
+        The buffer then holds at most ``max_buffer`` bytes, however many greenlets publish
+        (a single larger message goes out alone). Nothing is queued before there is room,
+        so a publisher that times out here has sent nothing.
+        """
         if self.blocked_reason is not None:
             self._wait_unblocked()
-        if not session.drained.is_set():
-            limit = self.settings.operation_timeout
-            if not session.drained.wait(limit):
-                raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s")
+        buffered = session.client.send_buf
+        if buffered is None or not buffered or len(buffered) + size <= self.settings.max_buffer:
+            return
+        limit = self._limit(timeout)
+        deadline = time.monotonic() + limit
+        while True:
+            session.drained.clear()
+            if not session.drained.wait(max(0.0, deadline - time.monotonic())):
+                raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s; the message was not sent")
+            buffered = session.client.send_buf
+            if buffered is None or not buffered or len(buffered) + size <= self.settings.max_buffer:
+                return
 
     # -- receiving ------------------------------------------------------------------------------
     def _new_consumer(self, promise: int, queue: str, callback: MessageHandler | None, prefetch_count: int,
