@@ -4,8 +4,9 @@ Each connection owns at most one live ``_PukaSession`` (``_puka_session.py``:
 a puka client and the greenlets that drive it). Callers hand puka a callback
 and wait on a gevent primitive; writes are flushed by one hub callback per
 batch. User callbacks
-run in a separate dispatcher greenlet, so a callback may itself make a
-blocking call on the same connection.
+run outside the I/O greenlet (operation callbacks in a dispatcher greenlet,
+each consumer's in one of its own: see ``_base.py``), so a callback may itself
+wait for anything on the same connection.
 
 When a session dies, every waiting greenlet gets :class:`ConnectionLost`.
 The next operation opens a new session (trying each configured node in

@@ -870,6 +870,78 @@ def test_deleting_a_queue_cancels_its_consumers(c: Any, other: Any, n: AMQPNames
     assert c.queue_declare(queue, passive=True)["consumer_count"] == 0
 
 
+def test_a_blocked_consumer_callback_holds_up_only_its_own_consumer(c: Any, n: AMQPNames) -> None:
+    slow_queue, fast_queue = n.queue("slow"), n.queue("fast")
+    c.queue_declare(slow_queue)
+    c.queue_declare(fast_queue)
+    gate, slow_seen, fast_seen = Event(), [], []
+
+    def slow(_promise: int, message: Message) -> None:
+        slow_seen.append(message.body)
+        gate.wait(5)  # blocks (as a sleep or a slow call would) until the test has seen the rest flow
+        message.ack()
+
+    def fast(_promise: int, message: Message) -> None:
+        fast_seen.append(message.body)
+        message.ack()
+
+    slow_promise = c.consume(slow_queue, callback=slow)
+    fast_promise = c.consume(fast_queue, callback=fast)
+    for i in range(3):
+        c.publish("", slow_queue, f"s{i}")
+    assert wait_until(lambda: slow_seen == [b"s0"])
+    confirms: Queue = Queue()
+    for i in range(50):
+        c.publish("", fast_queue, f"f{i}", callback=lambda _p, result: confirms.put(result))
+    assert [confirms.get(timeout=5) for _ in range(50)] == [{}] * 50  # confirm callbacks keep flowing
+    assert wait_until(lambda: len(fast_seen) == 50, timeout=5)
+    assert not gate.is_set() and slow_seen == [b"s0"]  # all that while the slow callback was still blocked
+    assert fast_seen == [f"f{i}".encode() for i in range(50)]
+    gate.set()
+    assert wait_until(lambda: slow_seen == [b"s0", b"s1", b"s2"])  # its own deliveries stay in order
+    c.cancel(slow_promise)
+    c.cancel(fast_promise)
+
+
+def test_a_consumer_callback_can_wait_for_its_own_async_publish(c: Any, n: AMQPNames) -> None:
+    source, target = n.queue("src"), n.queue("dst")
+    c.queue_declare(source)
+    c.queue_declare(target)
+    outcomes: Queue = Queue()
+
+    def forward(_promise: int, message: Message) -> None:
+        confirmed: Queue = Queue()
+        c.publish("", target, message.body, callback=lambda _p, result: confirmed.put(result))
+        try:
+            outcomes.put(confirmed.get(timeout=5))  # that callback must run while this one waits
+        except Exception as exc:  # noqa: BLE001
+            outcomes.put(exc)
+        message.ack()
+
+    promise = c.consume(source, callback=forward)
+    c.publish("", source, b"ping")
+    assert outcomes.get(timeout=10) == {}
+    c.cancel(promise)
+    assert _bodies(c, target) == [b"ping"]
+
+
+def test_an_operation_callback_can_wait_for_another_ones(c: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    outcomes: Queue = Queue()
+
+    def declared(_promise: int, result: Any) -> None:
+        confirmed: Queue = Queue()
+        c.publish("", result["queue"], b"x", callback=lambda _p, outcome: confirmed.put(outcome))
+        try:
+            outcomes.put(confirmed.get(timeout=5))  # queued behind this callback: another greenlet runs it
+        except Exception as exc:  # noqa: BLE001
+            outcomes.put(exc)
+
+    c.queue_declare(queue, callback=declared)
+    assert outcomes.get(timeout=10) == {}
+    assert _bodies(c, queue) == [b"x"]
+
+
 def test_callback_can_block_on_its_own_connection(c: Any, n: AMQPNames) -> None:
     source, target = n.queue("src"), n.queue("dst")
     c.queue_declare(source)

@@ -262,7 +262,7 @@ def test_cancel_requeues_undelivered_and_keeps_held_ackable(conn: PukaConnection
     assert wait_until(lambda: len(held) == 1)
     conn.cancel(promise)
     gate.set()
-    assert wait_until(lambda: conn._dispatch_queue == type(conn._dispatch_queue)() and not conn._callback_running)
+    assert wait_until(lambda: conn._dispatch_queue == type(conn._dispatch_queue)() and not conn._callbacks_running)
     assert len(held) == 1  # the others were never handed to the callback after cancel
     held[0].ack()  # the held one can still be acked
     assert wait_until(lambda: conn.queue_declare(queue, passive=True)["message_count"] == 19, timeout=10)
