@@ -88,7 +88,7 @@ class _BaseConsumer:
         self.box: AsyncResult = AsyncResult()
         #: Deliveries waiting for the callback, and the greenlet running it (only while there are some).
         self.inbox: deque[Message] = deque()
-        self.worker: gevent.Greenlet | None = None
+        self.worker: Any = None
 
 
 class _BaseSession:
@@ -405,7 +405,7 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         if consumer.worker is None:
             self._callbacks_running += 1
             self._idle.clear()
-            consumer.worker = gevent.spawn(self._consumer_loop, consumer)
+            consumer.worker = gevent.spawn_raw(self._consumer_loop, consumer)  # the lightest greenlet gevent has
 
     def _consumer_loop(self, consumer: _ConsumerT) -> None:
         """Run one consumer's callback for each of its deliveries, in order; end when there are none."""
