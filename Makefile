@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(VENV)/.lint-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv broker run test bench lint docs dist clean
+.PHONY: help venv broker databases run test bench lint docs dist clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -22,16 +22,20 @@ venv: $(STAMP)  ## create .venv and install the package with its test tools
 broker:  ## make sure RabbitMQ runs on 127.0.0.1:5672 (start or install it)
 	./scripts/ensure-broker.sh
 
+databases:  ## make sure PostgreSQL and MariaDB run for the outbox tests (start or install them)
+	./scripts/ensure-databases.sh
+
 run: venv broker  ## serve the example app with gunicorn's gevent workers on :8000
 	cd example_app && ../$(VENV)/bin/flask --app app amqp declare
 	cd example_app && ../$(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
 
-test: venv broker  ## run the test suite against the local broker
+test: venv broker databases  ## run the test suite against the local broker
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv broker  ## run the benchmarks (ratios to raw puka, pika, kombu; then HTTP under gunicorn)
+bench: venv broker databases  ## run the benchmarks (ratios to raw puka, pika, kombu; then HTTP under gunicorn)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/http_bench.py $(HTTP_BENCH_ARGS)
+	$(PY) bench/outbox_bench.py $(OUTBOX_BENCH_ARGS)
 
 $(LINT_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[lint]'

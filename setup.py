@@ -12,14 +12,24 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "flask_nucleon_amqp" / 
 LINT = ["ruff==0.17.6", "mypy==2.4.1"]  # pinned: lint results must not move under us
 DOCS = ["sphinx>=7.2"]
 BUILD = ["build>=1.0"]
+#: The transactional outbox (flask_nucleon_amqp.outbox).
+SQLALCHEMY = ["SQLAlchemy>=2.0", "Flask-SQLAlchemy>=3.1"]
 TEST = [
     "pytest>=7",
     "pytest-flask>=1.3",
     "pytest-timeout>=2.1",
     "gunicorn>=21",
     "prometheus_client>=0.17",
+    *SQLALCHEMY,  # tests/test_outbox.py
+    "psycopg[binary]>=3.1",  # PostgreSQL driver for the outbox tests
+    "PyMySQL>=1.1",  # MariaDB/MySQL driver for the outbox tests
     *DOCS,  # tests/test_docs.py builds the docs
     *BUILD,  # tests/test_packaging.py builds the sdist and the wheel
+    # tests/test_tracing.py: the SDK's in-memory exporter, Flask's instrumentation, and pika for interop
+    "opentelemetry-api>=1.27",
+    "opentelemetry-sdk>=1.27",
+    "opentelemetry-instrumentation-flask>=0.48b0",
+    "pika>=1.3",
 ]
 
 setup(
@@ -43,6 +53,8 @@ setup(
     extras_require={
         "test": TEST,
         "prometheus": ["prometheus_client>=0.17"],
+        "sqlalchemy": SQLALCHEMY,
+        "otel": ["opentelemetry-api>=1.27"],
         "bench": ["pika>=1.3", "kombu>=5.3"],
         "lint": LINT,
         "docs": DOCS,

@@ -8,6 +8,10 @@
   ``chat.inbox.<user>``. A message it cannot read is dead-lettered to ``chat.dead``.
 * ``GET /users/<user>/messages`` returns the messages received since the last
   call (it drains the inbox).
+* ``POST /messages/logged`` (same body) saves the message in the chat log
+  (SQLite, ``SQLALCHEMY_DATABASE_URI``) and publishes it through the
+  transactional outbox, in the same transaction: published after the commit,
+  never if it rolls back (see flask_nucleon_amqp.outbox).
 * ``GET /healthz``: the broker answers and this process's listeners consume.
 
 Run it with ``make run``: ``flask amqp declare``, then gunicorn with two gevent
@@ -23,11 +27,26 @@ import os
 import time
 from typing import Any
 
+import sqlalchemy as sa
 from flask import Flask, abort, current_app, jsonify, request
+from flask_sqlalchemy import SQLAlchemy
 
 from flask_nucleon_amqp import AMQP, Binding, Exchange, Message, PukaConnection, Queue
+from flask_nucleon_amqp.outbox import Outbox
 
 amqp = AMQP()
+db = SQLAlchemy()
+outbox = Outbox(db)  # its table, amqp_outbox, joins db.metadata: db.create_all() creates it
+
+#: Every message posted to /messages/logged, kept in the database.
+chat_log = db.Table(
+    "chat_log",
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("sender", sa.String(64), nullable=False),
+    sa.Column("recipient", sa.String(64), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=False),
+)
 
 
 def listener_queue(user: str) -> str:
@@ -76,8 +95,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.from_pyfile("app.cfg")
     app.config.from_envvar("CHAT_SETTINGS", silent=True)
     app.config.update(config or {})
+    db.init_app(app)
     amqp.init_app(app)
+    outbox.init_app(app)
     app.amqp.topology.add(*chat_topology(app))  # type: ignore[attr-defined]
+    with app.app_context():
+        db.create_all()  # the chat log and the outbox table (an Alembic migration in a real app)
 
     @app.get("/")
     def index() -> Any:
@@ -94,6 +117,21 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         current_app.amqp.publish(current_app.config["CHAT_ROOM"], to, json={
             "from": sender, "text": text, "sent_at": time.time()}, persistent=True)
         return jsonify(published=True, to=to), 202
+
+    @app.post("/messages/logged")
+    def post_logged_message() -> Any:
+        data = request.get_json(silent=True) or {}
+        users = current_app.config["CHAT_USERS"]
+        sender, to, text = data.get("from"), data.get("to"), data.get("text")
+        if sender not in users or (to not in users and to != "all") or not isinstance(text, str):
+            return jsonify(error=f"need from (one of {users}), to (a user or 'all') and text"), 400
+        sent_at = time.time()
+        log_id = db.session.execute(chat_log.insert().values(
+            sender=sender, recipient=to, text=text, sent_at=sent_at)).inserted_primary_key[0]
+        outbox.publish(current_app.config["CHAT_ROOM"], to, json={
+            "from": sender, "text": text, "sent_at": sent_at, "log_id": log_id}, persistent=True)
+        db.session.commit()  # the row and the message, or neither; published right after this
+        return jsonify(published=True, to=to, log_id=log_id), 202
 
     @app.get("/users/<user>/messages")
     def received(user: str) -> Any:

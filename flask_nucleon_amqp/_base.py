@@ -38,6 +38,7 @@ import gevent
 from gevent.event import AsyncResult, Event
 
 from . import _puka, signals
+from . import tracing as _tracing
 from .config import Node, PoolSettings
 from .exceptions import (
     AMQPError,
@@ -60,6 +61,8 @@ _EXCHANGE_TYPES = frozenset({"direct", "fanout", "topic", "headers"})
 #: Promise ids are unique in the process, so a promise names its connection too.
 _promise_ids = itertools.count(1)
 _REPLY_TO = "amq.rabbitmq.reply-to"
+#: How many of the latest confirm latencies each connection keeps for the percentiles of stats().
+CONFIRM_WINDOW = 1024
 
 
 def _emit(signal: Any, sender: Any, **kwargs: Any) -> None:
@@ -160,7 +163,13 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         self._reply_consumer: _ConsumerT | None = None
         self.stats: dict[str, Any] = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0,
                                       "failed": 0, "delivered": 0, "acked": 0, "rejected": 0,
-                                      "blocked_seconds": 0.0, "buffer_peak": 0}
+                                      "blocked_seconds": 0.0, "buffer_peak": 0,
+                                      # greenlets waiting right now: for a confirm, for room in the
+                                      # write buffer (or the end of a broker alarm), for a connection
+                                      "waiting_confirm": 0, "waiting_room": 0, "waiting_connection": 0}
+        #: The latest confirm latencies (seconds): a bounded window for stats()' percentiles.
+        self.confirm_latencies: deque[float] = deque(maxlen=CONFIRM_WINDOW)
+        self._lost_at = 0.0
         self._session: _SessionT | None = None
         #: How many queued callbacks may run now (a transport may hold some back: see MemoryConnection).
         self._arrived = 0
@@ -239,6 +248,7 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         if self.blocked_reason is not None:  # an alarm belongs to the connection that got it
             self._set_unblocked()
         self.stats["lost"] += 1
+        self._lost_at = time.monotonic()
         if self._closed:
             self._log.info("closed connection to %s", self.settings.safe_url(session.node))
             return False
@@ -257,7 +267,8 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             try:
                 session = self._open()
                 self.stats["recovered"] += 1
-                self._log.info("recovered connection to %s", self.settings.safe_url())
+                self._log.info("recovered connection to %s after %.3fs", self.settings.safe_url(),
+                               time.monotonic() - self._lost_at)
                 _emit(signals.connection_recovered, self, node=str(session.node))
                 return
             except (AuthenticationError, VhostNotAllowed) as exc:
@@ -293,7 +304,12 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
     def _wait_unblocked(self) -> None:
         """Backpressure: wait while the broker blocks publishers."""
         limit = self.settings.blocked_timeout
-        if not self._unblocked.wait(limit):
+        self.stats["waiting_room"] += 1
+        try:
+            unblocked = self._unblocked.wait(limit)
+        finally:
+            self.stats["waiting_room"] -= 1
+        if not unblocked:
             raise ConnectionBlocked(f"broker blocked publishing ({self.blocked_reason}) for more than "
                                     f"{limit:g}s (blocked_timeout)")
 
@@ -470,19 +486,26 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             raise ValueError(f"retry must be a non-negative integer, got {retry!r}")
         message = _Publish(exchange_b, routing_key_b, data, properties, mandatory,
                            {"exchange": exchange, "routing_key": routing_key})
+        if callback is not None and retry:
+            raise ValueError("retry= works only for synchronous publishes (without callback=)")
+        if _tracing.ON and (span := _tracing.start_publish(self, exchange, routing_key, properties, data)):
+            # tracing hook P1: the span (its context now in the headers) ends at the confirm or the error
+            return _tracing.publish_in_span(span, self._publish_message, message, callback, timeout, retry)
+        return self._publish_message(message, callback, timeout, retry)
+
+    basic_publish = publish
+
+    def _publish_message(self, message: _Publish, callback: Callback | None, timeout: float | None,
+                         retry: int) -> Any:
         if callback is not None:
-            if retry:
-                raise ValueError("retry= works only for synchronous publishes (without callback=)")
             return self._send_publish(message, callback, timeout)
         for attempt in range(retry):
             try:
                 return self._publish_and_wait(message, timeout)
             except ConnectionLost as exc:
                 self._log.warning("publish to %r failed (%s); retrying on a new connection (%d of %d)",
-                                  exchange, exc, attempt + 1, retry)
+                                  message.context["exchange"], exc, attempt + 1, retry)
         return self._publish_and_wait(message, timeout)
-
-    basic_publish = publish
 
     def _publish_and_wait(self, message: _Publish, timeout: float | None) -> None:
         """Send one publish and wait for its confirm; raise its error."""
@@ -498,10 +521,13 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             self.stats["failed"] += 1
             if isinstance(error, Unroutable):
                 _emit(signals.message_returned, self, error=error, **context)
+            _emit(signals.publish_failed, self, error=error, **context)
             return error
         self.stats["confirmed"] += 1
+        seconds = max(time.monotonic() - started, 1e-9)
+        self.confirm_latencies.append(seconds)
         if signals.message_confirmed.receivers:
-            _emit(signals.message_confirmed, self, seconds=max(time.monotonic() - started, 1e-9), **context)
+            _emit(signals.message_confirmed, self, seconds=seconds, **context)
         return {}
 
     # -- counting and signalling --------------------------------------------------------------------
@@ -523,6 +549,9 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
                     pass
             return
         assert consumer.callback is not None
+        if _tracing.ON:  # tracing hook D1: the callback runs in a process span
+            _tracing.process(consumer.queue, message, consumer.callback, consumer.promise, message)
+            return
         consumer.callback(consumer.promise, message)
 
     # -- settling -------------------------------------------------------------------------------------
@@ -532,6 +561,8 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         ``quiet`` settles a message the application never saw: not counted, not signalled.
         """
         self._send_settle(message, action, requeue)
+        if _tracing.processing:  # tracing hook S1: the outcome of a message in a process span
+            _tracing.settled(message, action, requeue)
         if quiet:
             return
         if action == "ack":
@@ -768,16 +799,24 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             data = encode_body(body, json, props)
             if headers:
                 props["headers"] = headers
-            self._send_request(reply_channel, exchange, routing_key, data, props)
-            reply = box.wait(limit)
-            if reply is None and not box.ready():
-                raise Timeout(f"no reply to {exchange!r}/{routing_key!r} within {limit:g}s")
-            if isinstance(reply, BaseException):
-                raise reply
-            assert isinstance(reply, Message)
-            return reply
+            span = _tracing.start_publish(self, exchange, routing_key, props, data, "call") if _tracing.ON else None
+            if span is not None:  # tracing hook C1: the span lasts until the reply (or the error)
+                return _tracing.traced_publish(span, self._request, reply_channel, exchange, routing_key, data,
+                                               props, box, limit)
+            return self._request(reply_channel, exchange, routing_key, data, props, box, limit)
         finally:
             self._replies.pop(correlation_id, None)
+
+    def _request(self, reply_channel: int | None, exchange: str, routing_key: str, data: bytes,
+                 properties: dict[str, Any], box: AsyncResult, limit: float) -> Message:
+        self._send_request(reply_channel, exchange, routing_key, data, properties)
+        reply = box.wait(limit)
+        if reply is None and not box.ready():
+            raise Timeout(f"no reply to {exchange!r}/{routing_key!r} within {limit:g}s")
+        if isinstance(reply, BaseException):
+            raise reply
+        assert isinstance(reply, Message)
+        return reply
 
     def _reply_channel(self, timeout: float) -> int | None:
         """Start this connection's reply-to consumer if it has none; the channel a request goes on."""

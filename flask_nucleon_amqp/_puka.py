@@ -39,6 +39,27 @@ from puka.client import machine_decorator
 from .exceptions import PublishNacked, PublishOutcomeUnknown
 
 log = logging.getLogger(__name__)
+#: DEBUG: one line per frame sent and received (method, channel, sizes; never contents).
+frame_log = logging.getLogger("flask_nucleon_amqp.frames")
+_METHOD_NAMES = {value: name[len("METHOD_"):].lower().replace("_", ".", 1)
+                 for name, value in vars(puka_spec).items() if name.startswith("METHOD_") and isinstance(value, int)}
+
+
+def _log_frame(direction: str, frame_type: int, channel: int, payload: Any) -> None:
+    """Log one frame's shape: the method of a method frame, the body size of a header; no contents."""
+    size = len(payload)
+    if frame_type == 0x01 and size >= 4:
+        (method_id,) = unpack_from("!I", payload, 0)
+        what = _METHOD_NAMES.get(method_id, f"method 0x{method_id:08x}")
+    elif frame_type == 0x02 and size >= 12:
+        what = f"content header (body {unpack_from('!Q', payload, 4)[0]} bytes)"
+    elif frame_type == 0x03:
+        what = "content body"
+    elif frame_type == 0x08:
+        what = "heartbeat"
+    else:
+        what = f"frame type {frame_type}"
+    frame_log.debug("%s %s on channel %d, %d bytes", direction, what, channel, size)
 
 __all__ = ["FixedClient", "ConnectionBroken", "PendingPublish", "encode_table", "shortstr", "encode_properties",
            "publish_frames", "PROPERTY_NAMES"]
@@ -622,6 +643,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
 
     x_pending = b""
     x_framing_checked = False
+    #: Whether frames are logged (frame_log at DEBUG): None until looked up, once per batch.
+    x_log_frames: bool | None = None
 
     def on_read_nohandshake(self) -> None:
         """Read and dispatch every complete frame in one pass.
@@ -645,6 +668,7 @@ class FixedClient(puka.Client):  # type: ignore[misc]
             return
         data = self.x_pending + received if self.x_pending else received
         size, offset = len(data), 0
+        debug = frame_log.isEnabledFor(logging.DEBUG)  # once per read, not per frame
         channels = self.channels.channels
         methods, props_decoders = puka_spec.METHODS, puka_spec.PROPS
         while size - offset >= 8:
@@ -654,6 +678,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
                 break
             if data[end] != 0xCE:
                 raise ConnectionBroken("frame end marker missing: the stream is corrupt")
+            if debug:
+                _log_frame("received", frame_type, channel, memoryview(data)[offset + 7:end])
             if frame_type == 0x01:
                 (method_id,) = unpack_from("!I", data, offset + 7)
                 frame, _ = methods[method_id](data, offset + 11)
@@ -694,9 +720,14 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         if buf is None:
             raise ConnectionBroken("connection is closed")
         parts: list[Any] = []
+        debug = self.x_log_frames
+        if debug is None and frames:  # the first frames of a batch (the session's flush resets it): look once
+            debug = self.x_log_frames = frame_log.isEnabledFor(logging.DEBUG)
         for frame_type, payload in frames:
             if isinstance(payload, str):
                 payload = payload.encode("utf-8")
+            if debug:
+                _log_frame("sent", frame_type, channel_number, payload)
             header = pack("!BHI", frame_type, channel_number, len(payload))
             if len(payload) < 4096:
                 parts += (header, payload, b"\xce")

@@ -309,6 +309,7 @@ class _PukaSession(_BaseSession):
     def _write_some(self) -> None:
         """Write until the kernel buffer is full; then a writer greenlet waits for room."""
         client = self.client
+        client.x_log_frames = None  # frames queued from now on are a new batch: it looks up the log level
         buf = client.send_buf
         while buf:
             before = len(buf)

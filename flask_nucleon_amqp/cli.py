@@ -283,3 +283,15 @@ def status_command() -> None:
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
+
+
+def _add_outbox_commands() -> None:
+    """``flask amqp outbox ...`` when the ``sqlalchemy`` extra is installed (see flask_nucleon_amqp.outbox)."""
+    try:
+        from .outbox import outbox_cli
+    except ImportError:
+        return
+    amqp_cli.add_command(outbox_cli)
+
+
+_add_outbox_commands()

@@ -157,6 +157,10 @@ APP_KEYS: dict[str, Any] = {
 }
 
 
+#: Keys of optional modules, checked there: ``AMQP_OUTBOX_*`` by flask_nucleon_amqp.outbox.
+OPTIONAL_KEY_PREFIXES = ("AMQP_OUTBOX_",)
+
+
 def parse_url(key: str, url: Any) -> dict[str, Any]:
     """Split an ``amqp://`` / ``amqps://`` URL into pool keys.
 
@@ -251,7 +255,8 @@ def read_config(config: Mapping[str, Any]) -> dict[str, PoolSettings]:
     :raises ConfigError: naming the first offending key.
     """
     for name in config:
-        if name.startswith("AMQP_") and name not in APP_KEYS and name not in EXTRA_APP_KEYS:
+        if (name.startswith("AMQP_") and name not in APP_KEYS and name not in EXTRA_APP_KEYS
+                and not name.startswith(OPTIONAL_KEY_PREFIXES)):
             known = ", ".join(sorted([*APP_KEYS, *EXTRA_APP_KEYS]))
             raise ConfigError(name, f"unknown configuration key (known: {known})")
     base = parse_url("AMQP_URL", config.get("AMQP_URL", DEFAULT_URL))

@@ -102,11 +102,17 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
     def _open(self) -> _PukaSession:
         if self._closed:
             raise ConnectionError(f"{self!r} was closed", self.settings.nodes[0].host, self.settings.nodes[0].port)
+        stats = self.stats
         if self._opening is not None:
-            result = self._opening.get()
+            stats["waiting_connection"] += 1
+            try:
+                result = self._opening.get()
+            finally:
+                stats["waiting_connection"] -= 1
             assert isinstance(result, _PukaSession)
             return result
         opening = self._opening = AsyncResult()
+        stats["waiting_connection"] += 1
         try:
             session = self._connect_any()
             self._session = session
@@ -115,6 +121,8 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             opening.set_exception(exc)
             self._opening = None
             raise
+        finally:
+            stats["waiting_connection"] -= 1
         opening.set(session)
         self._opening = None
         return session
@@ -264,6 +272,8 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         self._begin()
         started = time.monotonic()
         client = session.client
+        stats = self.stats
+        stats["waiting_confirm"] += 1
         try:
             if timeout is None:
                 # The session's expiry timer fails it at the deadline: no timer per publish, and
@@ -283,6 +293,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 self._published(message.context, message.data, message.properties)
                 result = box.wait(timeout)
         finally:
+            stats["waiting_confirm"] -= 1
             self._end()
         outcome = self._publish_outcome(self._publish_error(result, session, message.context), message.context,
                                         started)
@@ -312,13 +323,17 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             return
         limit = self._limit(timeout)
         deadline = time.monotonic() + limit
-        while True:
-            session.drained.clear()
-            if not session.drained.wait(max(0.0, deadline - time.monotonic())):
-                raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s; the message was not sent")
-            buffered = session.client.send_buf
-            if buffered is None or not buffered or len(buffered) + size <= self.settings.max_buffer:
-                return
+        self.stats["waiting_room"] += 1
+        try:
+            while True:
+                session.drained.clear()
+                if not session.drained.wait(max(0.0, deadline - time.monotonic())):
+                    raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s; the message was not sent")
+                buffered = session.client.send_buf
+                if buffered is None or not buffered or len(buffered) + size <= self.settings.max_buffer:
+                    return
+        finally:
+            self.stats["waiting_room"] -= 1
 
     # -- receiving ------------------------------------------------------------------------------
     def _new_consumer(self, promise: int, queue: str, callback: MessageHandler | None, prefetch_count: int,

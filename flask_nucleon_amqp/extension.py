@@ -53,6 +53,9 @@ class AMQPState:
         self.topology = Topology()
         #: Start-up and shut-down of this process (set by init_app).
         self.lifecycle: Lifecycle | None = None
+        #: Extra reports for health() and stats(), by name (e.g. "outbox"): each returns a JSON-able dict
+        #: whose "ok" counts in health()'s.
+        self.reports: dict[str, Callable[[], dict[str, Any]]] = {}
 
     def __repr__(self) -> str:
         return f"<AMQPState pools={sorted(self.pools)}>"
@@ -190,12 +193,22 @@ class AMQPState:
         pools = {name: pool.health() for name, pool in self.pools.items()}
         listeners = [{"queue": listener.queue, "consuming": listener.consuming} for listener in self.listeners]
         ok = all(pool["ok"] for pool in pools.values()) and all(entry["consuming"] for entry in listeners)
-        return {"ok": ok, "pools": pools, "listeners": listeners, "runtime": self.runtime.describe()}
+        report: dict[str, Any] = {"ok": ok, "pools": pools, "listeners": listeners,
+                                  "runtime": self.runtime.describe()}
+        for name, extra in self.reports.items():
+            report[name] = extra()
+            report["ok"] = report["ok"] and report[name].get("ok", True)
+        return report
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per pool: connections open, pending operations, publishes confirmed/failed, deliveries,
-        and ``runtime``: "gevent" or "thread" (None before first use; see runtime.py)."""
-        return {name: pool.stats() for name, pool in self.pools.items()}
+        and ``runtime``: "gevent" or "thread" (None before first use; see runtime.py); and the extra
+        reports (the outbox's pending count and oldest age).
+        """
+        stats = {name: pool.stats() for name, pool in self.pools.items()}
+        for name, extra in self.reports.items():
+            stats[name] = extra()
+        return stats
 
     def close(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` for pending confirms and callbacks, cancel consumers, close.

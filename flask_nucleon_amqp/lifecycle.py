@@ -106,6 +106,9 @@ class Lifecycle:
         self.declare = declare
         #: AMQP_START_LISTENERS: start listeners when a web process initialises.
         self.autostart = start_listeners
+        #: Background services (``start()``, ``stop(timeout) -> bool``) started and stopped with the
+        #: listeners, e.g. the outbox relay.
+        self.services: list[Any] = []
         self._pid = -1
         self._this_process()
 
@@ -166,6 +169,9 @@ class Lifecycle:
             for spec in self.registry.listeners:
                 step = f"starting the listener on {spec.queue!r}"
                 self.register_listener(spec.queue, spec.callback, spec.options)
+            if spawn:
+                step = "starting the background services"
+                self.start_services()
         except Exception as exc:
             self._error = InitialisationError(
                 f"AMQP initialisation of app {self.app.name!r} failed in {step}: {exc}; "
@@ -219,7 +225,14 @@ class Lifecycle:
         for listener in self.listeners:
             if not listener.started:
                 listener.start()
+        self.start_services()
         return list(self.listeners)
+
+    @in_hub
+    def start_services(self) -> None:
+        """Start the background services (idempotent)."""
+        for service in self.services:
+            service.start()
 
     @in_hub
     def cancel_listeners(self) -> None:
@@ -242,6 +255,8 @@ class Lifecycle:
         finished = True
         for listener in listeners:
             finished = listener.stop(max(0.0, deadline - time.monotonic())) and finished
+        for service in self.services:
+            finished = service.stop(max(0.0, deadline - time.monotonic())) and finished
         return finished
 
 

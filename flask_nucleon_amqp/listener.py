@@ -45,6 +45,7 @@ import functools
 import logging
 import os
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ import gevent.pool
 from gevent.event import AsyncResult, Event
 
 from . import retry as _retry
+from . import signals
+from . import tracing as _tracing
+from ._base import _emit
 from .exceptions import AMQPError, ConnectionError, MessageStateError, Timeout
 from .retry import RetryPolicy
 from .topology import Topology
@@ -291,8 +295,9 @@ class Listener:
             self._declare_retry_queues(conn)
         self.promise = None
         self.connection = conn
-        self.promise = conn.consume(self.queue, functools.partial(self._on_delivery, conn),
-                                    prefetch_count=self.options.prefetch_count)
+        on_delivery = functools.partial(self._on_delivery, conn)
+        setattr(on_delivery, _tracing.SELF_TRACED, True)  # tracing hook L0: _handle makes the process span
+        self.promise = conn.consume(self.queue, on_delivery, prefetch_count=self.options.prefetch_count)
         log.info("listening on %r (%s)", self.queue, _callback_name(self.callback))
 
     def _declare_retry_queues(self, conn: Connection) -> None:
@@ -334,6 +339,19 @@ class Listener:
             self._busy -= 1  # after the last look at the backlog, with no yield in between
 
     def _handle(self, conn: Connection, promise: int, message: Message) -> None:
+        started = _tracing.start_process(self.queue, message) if _tracing.ON else None  # tracing hook L1
+        timed = signals.message_handled.receivers and time.monotonic()
+        failed = self.stats["failed"]
+        try:
+            self._handle_message(conn, promise, message)
+        finally:
+            if started is not None:
+                _tracing.end_process(started)  # tracing hook L2
+            if timed:
+                _emit(signals.message_handled, self, queue=self.queue, seconds=time.monotonic() - timed,
+                      failed=self.stats["failed"] != failed)
+
+    def _handle_message(self, conn: Connection, promise: int, message: Message) -> None:
         if self.options.retry is not None:
             _retry.restore_route(message)
         try:
@@ -358,11 +376,15 @@ class Listener:
         """The callback (or its reply) raised: log it, then requeue, reject, retry or dead-letter."""
         where = f"listener on {self.queue!r}: {_callback_name(self.callback)} raised on delivery {message.delivery_tag}"
         policy = self.options.retry
+        if _tracing.ON:
+            _tracing.failed(exc)  # tracing hook L3: the exception, on the process span
         if message.settled:
             log.error("%s; message already settled by the callback", where, exc_info=exc)
             return
         if policy is None:
             requeue = self.options.on_error == "requeue"
+            if self.options.on_error == "dead-letter":
+                _tracing.outcome(message, "dead-lettered")  # tracing hook L4
             log.error("%s; message %s", where, "requeued" if requeue else
                       "rejected (dead-lettered if the queue has a dead-letter exchange)", exc_info=exc)
             self._settle(message, "reject", requeue=requeue)
@@ -384,6 +406,7 @@ class Listener:
             self._stopping.wait(pause)  # not a hot loop while the retry queue is missing
             self._settle(message, "reject", requeue=True)
             return
+        _tracing.outcome(message, "retried" if reason is None else "dead-lettered")  # tracing hook L5
         self._settle(message, "ack")  # only once the broker has confirmed the copy
 
     def _reply(self, conn: Connection, message: Message, value: Any) -> None:

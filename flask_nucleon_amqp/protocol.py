@@ -23,6 +23,7 @@ Conventions shared by every method:
 from __future__ import annotations
 
 import datetime
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -49,8 +50,10 @@ class Connection(Protocol):
     #: Operations started and not yet answered.
     pending: int
     #: Counters: opened, lost, recovered, published, confirmed, failed, delivered, acked, rejected,
-    #: blocked_seconds.
+    #: blocked_seconds, and the greenlets waiting now: waiting_confirm, waiting_room, waiting_connection.
     stats: dict[str, Any]
+    #: The latest confirm latencies in seconds (a bounded window: the percentiles of ``stats()``).
+    confirm_latencies: deque[float]
     #: Called with the connection after every (re)open, before its consumers resume.
     on_open: list[Callable[[Connection], Any]]
     #: Why the broker blocks publishing, or None.
