@@ -23,6 +23,8 @@ TEST = [
     *SQLALCHEMY,  # tests/test_outbox.py
     "psycopg[binary]>=3.1",  # PostgreSQL driver for the outbox tests
     "PyMySQL>=1.1",  # MariaDB/MySQL driver for the outbox tests
+    "python-dotenv>=1.0",  # `flask amqp ...` reads .flaskenv (the example app) at the root and in example_app/
+    "selenium>=4.20",  # tests/test_chat_page.py drives Debian's chromium (make browser installs it)
     *DOCS,  # tests/test_docs.py builds the docs
     *BUILD,  # tests/test_packaging.py builds the sdist and the wheel
     # tests/test_tracing.py: the SDK's in-memory exporter, Flask's instrumentation, and pika for interop
@@ -79,6 +81,7 @@ setup(
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",
         "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
         "Topic :: Internet :: WWW/HTTP :: WSGI",
         "Topic :: System :: Networking",
         "Typing :: Typed",

@@ -13,6 +13,9 @@
   transactional outbox, in the same transaction: published after the commit,
   never if it rolls back (see flask_nucleon_amqp.outbox).
 * ``GET /healthz``: the broker answers and this process's listeners consume.
+* ``GET /``: the chat room as a page (page.py): pick a user, send, and see the
+  inbox live (``GET /users/<user>/events``, Server-Sent Events) and the health.
+  ``GET /api`` lists the JSON endpoints.
 
 Run it with ``make run``: ``flask amqp declare``, then gunicorn with two gevent
 workers (see gunicorn.conf.py). ``flask --app app run`` works too: under a
@@ -33,6 +36,11 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_nucleon_amqp import AMQP, Binding, Exchange, Message, PukaConnection, Queue
 from flask_nucleon_amqp.outbox import Outbox
+
+if __package__:  # example_app.app (flask --app example_app ..., from the repository root)
+    from .page import page
+else:  # app, from inside example_app/ (gunicorn wsgi:app, flask --app app ...)
+    from page import page  # type: ignore[no-redef]
 
 amqp = AMQP()
 db = SQLAlchemy()
@@ -84,7 +92,7 @@ def start_listeners() -> None:
 def deliver(user: str, connection: PukaConnection, promise: int, message: Message) -> None:
     """Move one room message into the user's inbox: publish (confirmed), then ack."""
     entry = message.json()  # a body that is not JSON raises: the message is dead-lettered
-    entry.update(to=user, delivered_by=os.getpid(), delivered_at=time.time())
+    entry.update(to=user, via=message.routing_key, delivered_by=os.getpid(), delivered_at=time.time())
     connection.publish("", inbox_queue(user), json=entry, persistent=True)
     connection.ack(message)  # as in Nucleon; returning without it would ack too
 
@@ -102,10 +110,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     with app.app_context():
         db.create_all()  # the chat log and the outbox table (an Alembic migration in a real app)
 
-    @app.get("/")
+    app.register_blueprint(page)  # GET / (the chat page) and GET /users/<user>/events (its live stream)
+
+    @app.get("/api")
     def index() -> Any:
-        return jsonify(room=app.config["CHAT_ROOM"], users=app.config["CHAT_USERS"],
-                       post="/messages", inbox="/users/<user>/messages", health="/healthz")
+        return jsonify(room=app.config["CHAT_ROOM"], users=app.config["CHAT_USERS"], page="/",
+                       post="/messages", inbox="/users/<user>/messages", events="/users/<user>/events",
+                       health="/healthz")
 
     @app.post("/messages")
     def post_message() -> Any:

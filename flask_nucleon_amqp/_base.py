@@ -353,6 +353,24 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             raise
         return promise
 
+    def _in_background(self, work: Callable[[], Any], callback: Callback, what: str) -> int:
+        """The asynchronous form of an operation made of several broker round trips.
+
+        ``work()`` (the synchronous form, arguments already checked) runs in a
+        greenlet of its own; its result, or the exception it raised, goes to
+        ``callback`` like any other outcome (see :meth:`_await_or_dispatch`).
+        """
+        def start(done: Callable[[Any], None]) -> None:
+            def run() -> None:
+                try:
+                    result = work()
+                except Exception as exc:  # noqa: BLE001 - delivered to the callback, never raised
+                    result = exc
+                done(result)
+            gevent.spawn(run)
+        promise: int = self._await_or_dispatch(start, callback, None, what)
+        return promise
+
     def _begin(self) -> None:
         self.pending += 1
         self._idle.clear()
@@ -603,6 +621,112 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         """True if ``promise`` is a consumer of this connection."""
         return promise in self._consumers
 
+    # -- get, cancel, qos -------------------------------------------------------------------------
+    def get(self, queue: str, *, no_ack: bool = False, callback: Callback | None = None,
+            timeout: float | None = None) -> Any:
+        """Fetch one message with basic.get: the message, or None when the queue is empty.
+
+        With ``callback=``, return a promise at once; ``callback(promise, message or None)``
+        follows (or the exception).
+        """
+        _puka.shortstr(queue, "queue")
+        _check_timeout(timeout)
+        return self._await_or_dispatch(lambda done: self._send_get(queue, no_ack, done), callback, timeout,
+                                       f"get from {queue!r}")
+
+    basic_get = get
+
+    def _send_get(self, queue: str, no_ack: bool, done: Callable[[Any], None]) -> None:
+        """Send basic.get; ``done(message, None when empty, or the error)``."""
+        raise NotImplementedError
+
+    def cancel(self, promise: int, timeout: float | None = None, *, callback: Callback | None = None) -> Any:
+        """Stop a consumer started with ``consume(queue, callback)``; returns None.
+
+        Deliveries that arrived but were not yet handed to the callback are
+        requeued; messages the callback already has can still be acked. The
+        consumer is unregistered at once, also with ``callback=`` (which then
+        gets ``None`` once the broker confirmed, or the exception).
+        """
+        consumer = self._registered(promise)
+        _check_timeout(timeout)
+        del self._consumers[promise]
+        consumer.cancelled = True
+        if callback is None:
+            self._stop_consumer(consumer, timeout)
+            return None
+        return self._in_background(lambda: self._stop_consumer(consumer, timeout), callback, "cancel")
+
+    basic_cancel = cancel
+
+    def _stop_consumer(self, consumer: _ConsumerT, timeout: float | None) -> None:
+        """Cancel an unregistered consumer with the broker, waiting up to ``timeout``."""
+        raise NotImplementedError
+
+    def qos(self, promise: int | None = None, prefetch_count: int | None = None, timeout: float | None = None, *,
+            callback: Callback | None = None) -> Any:
+        """Change how many unacked messages one consumer may hold; returns None.
+
+        Two spellings: ``qos(promise, 10)`` (puka's), and Nucleon's / AMQP's
+        ``qos(prefetch_count=10)``, which applies to the consumer ``promise=``
+        names or, without it, to the connection's only consumer (ValueError when
+        it has none or several). RabbitMQ applies a per-consumer prefetch when a
+        consumer starts, so the consumer is subscribed again with the new limit;
+        messages it holds stay valid.
+        """
+        if prefetch_count is None:
+            raise ValueError("qos needs prefetch_count=")
+        _check_prefetch(prefetch_count)
+        _check_timeout(timeout)
+        consumer = self._registered(promise) if promise is not None else self._only_consumer()
+        if callback is None:
+            self._set_prefetch(consumer, prefetch_count, timeout)
+            return None
+        return self._in_background(lambda: self._set_prefetch(consumer, prefetch_count, timeout), callback, "qos")
+
+    def _only_consumer(self) -> _ConsumerT:
+        """The consumer ``qos(prefetch_count=...)`` without ``promise=`` means: the only one there is."""
+        mine = [c for c in self._consumers.values() if c is not self._reply_consumer]
+        if len(mine) != 1:
+            raise ValueError(f"qos(prefetch_count=...) without promise= needs exactly one consumer on {self!r}, "
+                             f"it has {len(mine)}: name one with promise=")
+        return mine[0]
+
+    def _set_prefetch(self, consumer: _ConsumerT, prefetch_count: int, timeout: float | None) -> None:
+        """Subscribe ``consumer`` again with a new prefetch count (before ending the old subscription)."""
+        raise NotImplementedError
+
+    # -- closing --------------------------------------------------------------------------------
+    def close(self, timeout: float = 10.0, *, callback: Callback | None = None) -> Any:
+        """Wait (up to ``timeout``) for pending operations and callbacks, cancel consumers, close.
+
+        With ``callback=``, return a promise at once and close in the background;
+        ``callback(promise, None)`` then runs in that background greenlet (the
+        connection's callback greenlet ends with it), or with the exception.
+        """
+        _check_timeout(timeout)
+        if callback is None:
+            self._close(timeout)
+            return None
+        promise = next(_promise_ids)
+
+        def run() -> None:
+            try:
+                self._close(timeout)
+                outcome: Any = None
+            except Exception as exc:  # noqa: BLE001 - delivered to the callback, never raised
+                outcome = exc
+            try:
+                callback(promise, outcome)
+            except Exception:  # noqa: BLE001
+                self._log.exception("AMQP callback %r raised", callback)
+
+        gevent.spawn(run)
+        return promise
+
+    def _close(self, timeout: float) -> None:
+        raise NotImplementedError
+
     # -- consuming ------------------------------------------------------------------------------
     def consume(self, queue: str, callback: MessageHandler | None = None, *,
                 prefetch_count: int = 100, no_ack: bool = False, exclusive: bool = False,
@@ -698,11 +822,18 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
 
     # -- topology -------------------------------------------------------------------------------
     def exchange_declare(self, exchange: str, type: str = "direct", *, durable: bool = False,
-                         auto_delete: bool = False, arguments: dict[str, Any] | None = None,
+                         auto_delete: bool = False, passive: bool = False, arguments: dict[str, Any] | None = None,
                          callback: Callback | None = None, timeout: float | None = None) -> Any:
-        """Declare an exchange (idempotent; PreconditionFailed if it exists with other settings)."""
+        """Declare an exchange (idempotent; PreconditionFailed if it exists with other settings).
+
+        ``passive=True`` only checks that it exists (NotFound if not) and creates
+        nothing; the other settings are then ignored, as RabbitMQ ignores them.
+        """
         if type not in _EXCHANGE_TYPES and not (isinstance(type, str) and type.startswith("x-")):
             raise ValueError(f"type must be one of direct, fanout, topic, headers or an x- plugin type, got {type!r}")
+        if passive:
+            return self._topology("exchange_declare", {"exchange": exchange}, callback, timeout, type=type,
+                                  durable=False, auto_delete=False, arguments={}, passive=True)
         return self._topology("exchange_declare", {"exchange": exchange}, callback, timeout, type=type,
                               durable=durable, auto_delete=auto_delete, arguments=self._declare_args(arguments))
 
@@ -779,26 +910,37 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
     # -- request / reply --------------------------------------------------------------------------
     def call(self, exchange: str, routing_key: str, body: bytes | str | None = None, *,
              json: Any = _NOTHING, headers: dict[str, Any] | None = None, timeout: float | None = None,
-             **properties: Any) -> Message:
+             callback: Callback | None = None, **properties: Any) -> Any:
         """Publish a request and wait for its reply, using RabbitMQ's direct reply-to.
 
         The reply is the first message published to the request's ``reply_to``
         with its ``correlation_id``. A reply that arrives after ``timeout`` is
-        dropped.
+        dropped. With ``callback=``, return a promise at once;
+        ``callback(promise, reply)`` follows (or the exception).
 
         :raises Timeout: no reply within ``timeout``.
         :raises Unroutable: no queue took the request.
         """
+        _check_timeout(timeout)
         limit = self.settings.operation_timeout if timeout is None else timeout
-        reply_channel = self._reply_channel(limit)
         correlation_id = f"rpc-{next(_promise_ids)}"
+        props = _properties(**{**properties, "correlation_id": correlation_id, "reply_to": _REPLY_TO})
+        data = encode_body(body, json, props)
+        if headers:
+            props["headers"] = headers
+        _puka.shortstr(exchange, "exchange")
+        _puka.shortstr(routing_key, "routing_key")
+        if callback is None:
+            return self._call(exchange, routing_key, data, props, limit)
+        return self._in_background(lambda: self._call(exchange, routing_key, data, props, limit), callback, "call")
+
+    def _call(self, exchange: str, routing_key: str, data: bytes, props: dict[str, Any], limit: float) -> Message:
+        """Send one checked request and wait up to ``limit`` for its reply."""
+        reply_channel = self._reply_channel(limit)
+        correlation_id = props["correlation_id"]
         box: AsyncResult = AsyncResult()
         self._replies[correlation_id] = box
         try:
-            props = _properties(**{**properties, "correlation_id": correlation_id, "reply_to": _REPLY_TO})
-            data = encode_body(body, json, props)
-            if headers:
-                props["headers"] = headers
             span = _tracing.start_publish(self, exchange, routing_key, props, data, "call") if _tracing.ON else None
             if span is not None:  # tracing hook C1: the span lasts until the reply (or the error)
                 return _tracing.traced_publish(span, self._request, reply_channel, exchange, routing_key, data,

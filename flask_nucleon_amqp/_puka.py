@@ -16,6 +16,7 @@ import calendar
 import datetime
 import decimal
 import logging
+import os
 import re
 import socket
 import ssl
@@ -436,6 +437,19 @@ def _bcm_basic_cancel(ct: Any, result: Any) -> None:
         puka_machine._basic_cancel(ct)
 
 
+def _connection_close(t: Any, result: Any) -> None:
+    """The broker closed the connection: puka's handler without its raw "Connection killed with {...}" ERROR (D11).
+
+    The reason reaches the caller as the error of its operation (a refused login or vhost), or the
+    log as the connection's own "connection to ... lost: <reason>" WARNING; puka's line repeated it
+    on stderr.
+    """
+    puka_exceptions.mark_frame(result)
+    t.ping(result)
+    log.debug("the broker closed the connection: %r", result)
+    t.conn._shutdown(result)
+
+
 def _apply_patches() -> None:
     puka_compat.as_str = _lenient_as_str
     puka_spec.as_str = _lenient_as_str
@@ -452,6 +466,7 @@ def _apply_patches() -> None:
     puka_machine._basic_cancel_one = _basic_cancel_one
     puka_machine._bcm_basic_cancel = _bcm_basic_cancel
     puka_machine._bcm_basic_consume_ok = _bcm_basic_consume_ok
+    puka_machine._connection_close = _connection_close
 
 
 _apply_patches()
@@ -571,6 +586,14 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         t.register(puka_spec.METHOD_CONNECTION_UNBLOCKED, self._on_connection_unblocked)
         return t
 
+    # D11: puka reads why the connect failed (SO_ERROR), then drops it: "cannot connect to ...: ".
+    def on_write_connect(self) -> None:
+        error = self.sd.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._shutdown(puka_exceptions.mark_frame(puka_spec.Frame(), ConnectionBroken(error, os.strerror(error))))
+            return
+        super().on_write_connect()
+
     def _on_connection_blocked(self, t: Any, result: Any) -> None:
         t.register(puka_spec.METHOD_CONNECTION_BLOCKED, self._on_connection_blocked)
         if self.x_on_blocked is not None:
@@ -580,6 +603,22 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         t.register(puka_spec.METHOD_CONNECTION_UNBLOCKED, self._on_connection_unblocked)
         if self.x_on_blocked is not None:
             self.x_on_blocked(False, None)
+
+    # puka 0.0.8 always sends exchange.declare with passive=False: no way to check an exchange exists.
+    def exchange_declare(self, exchange: Any, type: Any = "direct", durable: bool = False,
+                         auto_delete: bool = False, arguments: Any = None, *, passive: bool = False,
+                         callback: Any = None) -> int:
+        """puka's exchange_declare, plus ``passive=True``: check the exchange exists, create nothing."""
+        if not passive:
+            number: int = super().exchange_declare(exchange, type=type, durable=durable, auto_delete=auto_delete,
+                                                   arguments=arguments or {}, callback=callback)
+            return number
+        promise = self.promises.new(puka_machine._exchange_declare)
+        # RabbitMQ compares nothing but the name on a passive declare.
+        promise.x_frames = puka_spec.encode_exchange_declare(exchange, b"", True, False, False, False, {})
+        promise.user_callback = callback
+        promise.after_machine()
+        return int(promise.number)
 
     # D25: TLS through an SSLContext, with SNI and host name checks.
     def _wrap_socket(self, sock: socket.socket) -> ssl.SSLSocket:

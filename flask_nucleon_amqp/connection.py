@@ -36,8 +36,6 @@ from ._base import (
     _REPLY_TO,
     BaseConnection,
     _BaseConsumer,
-    _check_prefetch,
-    _check_timeout,
     _promise_ids,
     _Publish,
 )
@@ -150,25 +148,26 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
 
     def _connect_node(self, node: Node) -> _PukaSession:
         timeout = self.settings.connect_timeout
-        deadline = time.monotonic() + timeout
         if _is_ip_address(node.host):
-            return self._connect_addresses(node, [node.host], deadline)
+            return self._connect_addresses(node, [node.host])
         infos = None
         try:
             with gevent.Timeout(timeout, False):
-                infos = gevent.socket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
+                infos = _resolve(node.host, node.port)
         except OSError as exc:
             raise ConnectionError(f"cannot resolve {node.host}: {exc}", node.host, node.port) from None
         if infos is None:
             raise ConnectionError(f"cannot resolve {node.host} within {timeout:g}s", node.host, node.port)
-        return self._connect_addresses(node, list(dict.fromkeys(info[4][0] for info in infos)), deadline)
+        return self._connect_addresses(node, list(dict.fromkeys(info[4][0] for info in infos)))
 
-    def _connect_addresses(self, node: Node, addresses: list[str], deadline: float) -> _PukaSession:
+    def _connect_addresses(self, node: Node, addresses: list[str]) -> _PukaSession:
         last: ConnectionError | None = None
-        for address in addresses:  # every address of the name in turn, not only the first (D26)
+        # Every address of the name in turn, not only the first, each with a connect_timeout of its
+        # own: one silent address must not use up the time of the next (D26).
+        for address in addresses:
             session = _PukaSession(self, node, address)
             try:
-                session.start(max(0.001, deadline - time.monotonic()))
+                session.start(self.settings.connect_timeout)
             except (AuthenticationError, VhostNotAllowed):
                 raise
             except ConnectionError as exc:
@@ -434,30 +433,27 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 self._cancel_one_shot(consumer, session)
             consumer.cancelled = True
 
-    def get(self, queue: str, *, no_ack: bool = False, timeout: float | None = None) -> Message | None:
-        """Fetch one message with basic.get; None when the queue is empty."""
+    def _send_get(self, queue: str, no_ack: bool, done: Callable[[Any], None]) -> None:
         queue_b = _puka.shortstr(queue, "queue")
         session = self._live_session()
-        box = AsyncResult()
-        session.client.basic_get(queue_b, no_ack=no_ack, callback=_settable(box))
-        session.schedule_flush()
-        frame = box.wait(self._limit(timeout))
-        if frame is None and not box.ready():
-            raise Timeout(f"get from {queue!r} got no answer")
-        if frame.is_error:
-            raise self._error(frame, session, queue=queue)
-        if frame.get("empty"):
-            return None
-        number = frame["promise_number"]
-        puka_promise = session.client.find_promise(number)
-        channel = puka_promise.channel if puka_promise is not None else None
-        message = Message.from_frame(frame, self, (session, channel, number, no_ack))
-        if not no_ack:
-            session.delivered(channel, frame["delivery_tag"])
-        self._received(message)
-        return message
 
-    basic_get = get
+        def got(number: int, frame: Any) -> None:
+            if frame.is_error:
+                done(self._error(frame, session, queue=queue))
+                return
+            if frame.get("empty"):
+                done(None)
+                return
+            puka_promise = session.client.find_promise(number)
+            channel = puka_promise.channel if puka_promise is not None else None
+            message = Message.from_frame(frame, self, (session, channel, number, no_ack))
+            if not no_ack:
+                session.delivered(channel, frame["delivery_tag"])
+            self._received(message)
+            done(message)
+
+        session.client.basic_get(queue_b, no_ack=no_ack, callback=got)
+        session.schedule_flush()
 
     def _send_settle(self, message: Message, action: str, requeue: bool) -> None:
         """Send ack / reject / nack for a message, on the channel it arrived on."""
@@ -480,16 +476,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             session.schedule_flush()
         client.release_get(number)
 
-    def cancel(self, promise: int, timeout: float | None = None) -> None:
-        """Stop a consumer started with ``consume(queue, callback)``.
-
-        Deliveries that arrived but were not yet handed to the callback are
-        requeued; messages the callback already has can still be acked.
-        """
-        consumer = self._registered(promise)
-        _check_timeout(timeout)
-        del self._consumers[promise]
-        consumer.cancelled = True
+    def _stop_consumer(self, consumer: _PukaConsumer, timeout: float | None) -> None:
         session = consumer.session
         if session is None or not session.usable or consumer.puka_number is None:
             return
@@ -507,8 +494,6 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         session.schedule_flush()
         self._wait(box, session, "cancel", timeout)
 
-    basic_cancel = cancel
-
     def _cancel_subscription(self, consumer: _PukaConsumer) -> None:
         """Send basic.cancel for a consumer's subscription, without waiting (it was confirmed late)."""
         session = consumer.session
@@ -517,18 +502,9 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             session.client.basic_cancel(consumer.puka_number, callback=lambda _number, _result: None)
             session.schedule_flush()
 
-    def qos(self, promise: int, prefetch_count: int, timeout: float | None = None) -> None:
-        """Change how many unacked messages a consumer may hold.
-
-        RabbitMQ applies a per-consumer prefetch only when a consumer starts,
-        so the consumer is re-subscribed with the new limit; messages it
-        already delivered stay valid and can be acked.
-        """
-        _check_prefetch(prefetch_count)
-        _check_timeout(timeout)
-        consumer = self._registered(promise)
+    def _set_prefetch(self, consumer: _PukaConsumer, prefetch_count: int, timeout: float | None) -> None:
         if consumer.session is None:
-            raise ValueError(f"no consumer with promise {promise!r} on {self!r}")
+            raise ValueError(f"no consumer with promise {consumer.promise!r} on {self!r}")
         limit = self._limit(timeout)
         consumer.started.wait(limit)  # basic.cancel before consume-ok confuses puka (D17)
         session = consumer.session
@@ -540,7 +516,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         started = consumer.started.wait(limit)
         if started is not None or not consumer.started.ready():
             consumer.puka_number, consumer.started, consumer.prefetch_count = old
-            self._consumers[promise] = consumer
+            self._consumers[consumer.promise] = consumer
             raise started if isinstance(started, BaseException) else Timeout(
                 f"qos on {consumer.queue!r} got no answer within {limit:g}s")
         if session.usable and session.client.find_promise(old[0]) is not None:
@@ -586,8 +562,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                                str(result.get("routing_key", ""))))
 
     # -- closing --------------------------------------------------------------------------------
-    def close(self, timeout: float = 10.0) -> None:
-        """Wait (up to ``timeout``) for pending operations and callbacks, cancel consumers, close."""
+    def _close(self, timeout: float) -> None:
         if self._closed:
             return
         deadline = time.monotonic() + timeout
@@ -623,6 +598,11 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         self._consumers.clear()
         self._dispatch_queue.clear()
         self._arrived = 0
+
+
+def _resolve(host: str, port: int) -> list[Any]:
+    """The addresses a broker's host name resolves to (getaddrinfo, cooperative)."""
+    return list(gevent.socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
 
 
 def _is_ip_address(host: str) -> bool:

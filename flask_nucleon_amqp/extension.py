@@ -88,7 +88,8 @@ class AMQPState:
         """Consume through the ``listen`` pool; see :meth:`PukaConnection.consume`."""
         return self.connection("listen").consume(queue, callback, **options)
 
-    def get(self, queue: str, **options: Any) -> Message | None:
+    def get(self, queue: str, **options: Any) -> Any:
+        """basic.get through the ``listen`` pool: the Message, None when empty (a promise with ``callback=``)."""
         return self.connection("listen").get(queue, **options)
 
     def ack(self, message: Message) -> None:
@@ -101,13 +102,12 @@ class AMQPState:
         message.nack(requeue)
 
     @in_hub
-    def cancel(self, promise: int, timeout: float | None = None) -> None:
+    def cancel(self, promise: int, timeout: float | None = None, *, callback: Callback | None = None) -> Any:
         """Cancel a consumer started through any pool of this app."""
         for pool in self.pools.values():
             for conn in pool.connections():
                 if conn.has_consumer(promise):
-                    conn.cancel(promise, timeout)
-                    return
+                    return conn.cancel(promise, timeout, callback=callback)
         raise ValueError(f"no consumer with promise {promise!r}")
 
     def exchange_declare(self, exchange: str, type: str = "direct", **options: Any) -> Any:
