@@ -425,7 +425,9 @@ def test_cancel_whose_consume_ok_comes_late_cancels_once_it_comes(names: Names) 
     app = make_app(AMQP_POOLS={"publish": {"port": proxy.port, "heartbeat": 0}})
     AMQP(app)
     conn = app.extensions["amqp"].connection("publish")
-    direct = AMQP(make_app()).get_amqp_pool().connection()  # to look at the queue past the proxy
+    direct_app = make_app()
+    AMQP(direct_app)
+    direct = direct_app.extensions["amqp"].connection("publish")  # to look at the queue past the proxy
     try:
         queue = names.queue()
         direct.queue_declare(queue)
@@ -444,7 +446,7 @@ def test_cancel_whose_consume_ok_comes_late_cancels_once_it_comes(names: Names) 
         assert seen == [] and conn.stats["delivered"] == 0  # never delivered, rejected, redelivered...
     finally:
         app.extensions["amqp"].close(timeout=2)
-        direct.close(timeout=2)
+        direct_app.extensions["amqp"].close(timeout=2)
         proxy.close()
 
 
