@@ -480,10 +480,12 @@ class Listener:
             return
         if policy is None:
             if self.options.on_error == "requeue":
+                _tracing.outcome(message, "requeued")  # tracing hook L4: settled after its span ended
                 self._log_failure(where, f"message requeued in {REQUEUE_DELAY:g}s", exc)
                 self._hold_then_requeue(message)
             else:
-                _tracing.outcome(message, "dead-lettered")  # tracing hook L4
+                if self.options.on_error == "dead-letter":
+                    _tracing.outcome(message, "dead-lettered")  # tracing hook L4
                 self._log_failure(where, "message rejected (dead-lettered if the queue has a dead-letter exchange)",
                                   exc)
                 self._settle(message, "reject", requeue=False)
