@@ -374,7 +374,7 @@ def ext_session(ctx, what):
     finally:
         try:
             with gevent.Timeout(30, BenchTimeout("amqp.close() took more than 30 s")):
-                amqp.close()
+                amqp.state.close()
         except BaseException as err:  # noqa: B036 - report, never mask the result
             if isinstance(err, KeyboardInterrupt):
                 raise

@@ -66,7 +66,7 @@ from flask.cli import AppGroup, with_appcontext
 from . import _puka
 from ._base import _properties
 from ._memory_routing import _decode_table
-from .config import _bool, _positive_int, _seconds, _text
+from .config import OUTBOX_SETTINGS
 from .exceptions import AMQPError, ChannelError, ConfigError, PublishNacked, Timeout
 from .message import _NOTHING, encode_body
 from .runtime import Runtime, in_hub
@@ -95,18 +95,8 @@ outbox_published = _signals.signal("amqp-outbox-published")
 #: Sent when a row is parked after its last failed attempt (id, exchange, routing_key, error).
 outbox_parked = _signals.signal("amqp-outbox-parked")
 
-#: The ``AMQP_OUTBOX_*`` keys: parser and default.
-CONFIG_KEYS: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
-    "AMQP_OUTBOX_POOL": (_text, "publish"),
-    "AMQP_OUTBOX_RELAY": (_bool, True),
-    "AMQP_OUTBOX_RELAY_INTERVAL": (_seconds, 1.0),
-    "AMQP_OUTBOX_RELAY_DELAY": (lambda k, v: _seconds(k, v, allow_zero=True), 5.0),
-    "AMQP_OUTBOX_BATCH": (_positive_int, 500),
-    "AMQP_OUTBOX_MAX_ATTEMPTS": (_positive_int, 5),
-    "AMQP_OUTBOX_BACKOFF": (_seconds, 1.0),
-    "AMQP_OUTBOX_BACKOFF_MAX": (_seconds, 60.0),
-    "AMQP_OUTBOX_TIMEOUT": (_seconds, 30.0),
-}
+#: The ``AMQP_OUTBOX_*`` keys (defined with every other key in :mod:`flask_nucleon_amqp.config`).
+CONFIG_KEYS = OUTBOX_SETTINGS
 
 #: Errors of the message itself (it is counted against the row); any other error is the broker's
 #: or the connection's (nothing is counted: the relay backs off and tries again).
@@ -141,10 +131,7 @@ class OutboxSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> OutboxSettings:
-        for key in config:
-            if key.startswith("AMQP_OUTBOX_") and key not in CONFIG_KEYS:
-                raise ConfigError(key, f"unknown configuration key (known: {', '.join(sorted(CONFIG_KEYS))})")
-        values = {key: parse(key, config.get(key, default)) for key, (parse, default) in CONFIG_KEYS.items()}
+        values = {key: setting.parse(key, config.get(key, setting.default)) for key, setting in CONFIG_KEYS.items()}
         return cls(*values.values())
 
     def retry_delay(self, failures: int) -> float:
@@ -923,7 +910,7 @@ def _outboxes() -> list[OutboxState]:
 @click.option("--timeout", type=float, default=None, help="Seconds the batch in flight gets at shutdown.")
 def relay_command(timeout: float | None) -> None:
     """Run the outbox relay in the foreground until SIGTERM or Ctrl-C."""
-    from .cli import _wait_for_signal
+    from ._cli_group import _wait_for_signal
 
     states = _outboxes()
     for state in states:

@@ -24,6 +24,7 @@ again at most once a second, so one configured later is picked up).
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -74,8 +75,11 @@ def use_tracer_provider(provider: Any) -> None:
 
 
 def _make_tracer(provider: Any) -> Any:
-    from . import __version__
-    return provider.get_tracer("flask_nucleon_amqp", __version__)
+    try:  # the installed distribution's version (the package's __init__ sits above this module)
+        version: str | None = importlib.metadata.version("flask-nucleon-amqp")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return provider.get_tracer("flask_nucleon_amqp", version)
 
 
 def tracer() -> Any:

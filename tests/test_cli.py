@@ -291,7 +291,6 @@ def test_listen_runs_until_sigterm(capp: Flask, runner: FlaskCliRunner) -> None:
         assert wait_until(lambda: len(handled) == 3)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    assert state.lifecycle is not None
     state.lifecycle.registry.listeners.append(ListenerSpec(queue, handle, ListenerOptions()))  # as @amqp.listener
     driver = gevent.spawn(drive)
     result = runner.invoke(args=["amqp", "listen"])
