@@ -18,6 +18,8 @@ TEST = [
     "pytest-timeout>=2.1",
     "gunicorn>=21",
     "prometheus_client>=0.17",
+    "pika>=1.3",  # the other client in the codec and hostile-delivery tests
+    "hypothesis>=6.0",  # generated tables in the codec tests
     *DOCS,  # tests/test_docs.py builds the docs
     *BUILD,  # tests/test_packaging.py builds the sdist and the wheel
 ]

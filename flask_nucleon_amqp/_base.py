@@ -289,8 +289,10 @@ def _properties(**given: Any) -> dict[str, Any]:
             if isinstance(value, datetime.datetime):
                 aware = value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
                 value = int(aware.timestamp())
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            elif isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"timestamp must be a datetime or a non-negative int, got {value!r}")
+            if not 0 <= value < 2**64:  # AMQP timestamps are unsigned 64-bit seconds since 1970
+                raise ValueError(f"timestamp must be from 1970 on and below 2**64 seconds, got {given[name]!r}")
         elif name == "expiration":
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 value = str(value)

@@ -726,8 +726,8 @@ class PukaConnection(BaseConnection[_Consumer]):
                 message_id=message_id, timestamp=timestamp, type=type, app_id=app_id, user_id=user_id))
         exchange_b = _puka.shortstr(exchange, "exchange")
         routing_key_b = _puka.shortstr(routing_key, "routing_key")
-        if "headers" in properties:
-            _puka.encode_table(properties["headers"], "headers")  # raise here, naming the header (D7, D8)
+        if "headers" in properties:  # raise here, naming the header, before anything is sent (D7, D8, issue 16)
+            _puka.content_header(properties, len(data))
         context = {"exchange": exchange, "routing_key": routing_key}
         if callback is None:
             for attempt in range(retry):
@@ -751,7 +751,11 @@ class PukaConnection(BaseConnection[_Consumer]):
             self._dispatch(user_callback, promise, value)
 
         limit = self.settings.operation_timeout if timeout is None else timeout
-        session.client.publish(exchange_b, routing_key_b, data, properties, mandatory, confirmed, started + limit)
+        try:
+            session.client.publish(exchange_b, routing_key_b, data, properties, mandatory, confirmed, started + limit)
+        except BaseException:  # refused before anything was queued (a broker with a smaller frame_max)
+            self._end()
+            raise
         session.schedule_flush()
         self._published(context, data, properties)
         return promise
@@ -912,7 +916,8 @@ class PukaConnection(BaseConnection[_Consumer]):
     def _on_delivery(self, consumer: _Consumer, session: _Session, puka_promise: Any, result: Any) -> None:
         """Runs in the I/O greenlet for each delivery of a consumer."""
         no_ack = consumer.no_ack and consumer.callback is not None
-        message = Message.from_frame(result, self, (session, puka_promise.channel, puka_promise.number, no_ack))
+        message = Message.from_frame(result, self, (session, puka_promise.channel, puka_promise.number, no_ack),
+                                     queue=consumer.queue)
         if not no_ack:
             session.delivered(puka_promise.channel, result["delivery_tag"])
         if consumer.callback is None:  # the one-shot consumer of a synchronous consume
@@ -977,7 +982,7 @@ class PukaConnection(BaseConnection[_Consumer]):
         number = frame["promise_number"]
         puka_promise = session.client.promises._promises.get(number)
         channel = puka_promise.channel if puka_promise is not None else None
-        message = Message.from_frame(frame, self, (session, channel, number, no_ack))
+        message = Message.from_frame(frame, self, (session, channel, number, no_ack), queue=queue)
         if not no_ack:
             session.delivered(channel, frame["delivery_tag"])
         self._received(message)

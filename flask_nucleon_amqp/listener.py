@@ -334,6 +334,9 @@ class Listener:
             self._busy -= 1  # after the last look at the backlog, with no yield in between
 
     def _handle(self, conn: PukaConnection, promise: int, message: Message) -> None:
+        if message.decode_error is not None:
+            self._undecodable(conn, message)
+            return
         if self.options.retry is not None:
             _retry.restore_route(message)
         try:
@@ -385,6 +388,38 @@ class Listener:
             self._settle(message, "reject", requeue=True)
             return
         self._settle(message, "ack")  # only once the broker has confirmed the copy
+
+    def _undecodable(self, conn: PukaConnection, message: Message) -> None:
+        """A delivery whose headers could not be decoded (already logged as a warning).
+
+        It is not given to the callback, which would see it without its
+        headers, and never requeued, which would bring it back forever:
+        whatever ``on_error`` says, it is rejected without requeue (the broker
+        dead-letters it when the queue has a dead-letter exchange); with
+        ``retry=...`` it goes straight to the dead-letter queue.
+        """
+        self.stats["failed"] += 1
+        policy = self.options.retry
+        if policy is None:
+            log.info("listener on %r: delivery %s not given to %s (undecodable); rejected without requeue "
+                     "(dead-lettered if the queue has a dead-letter exchange)", self.queue, message.delivery_tag,
+                     _callback_name(self.callback))
+            self._settle(message, "reject", requeue=False)
+            return
+        target = _retry.dead_queue_name(self.queue)
+        try:
+            _retry.republish(self._publisher(conn), message, target, 0,
+                             f"undecodable headers: {message.decode_error}"[:_retry.MAX_REASON_LENGTH])
+        except Exception as error:  # noqa: BLE001 - whatever failed, the message must not be lost
+            pause = min(policy.delay, MAX_BACKOFF)
+            log.error("listener on %r: could not send undecodable delivery %s to %r (%s); requeueing it in %gs",
+                      self.queue, message.delivery_tag, target, error, pause)
+            self._stopping.wait(pause)
+            self._settle(message, "reject", requeue=True)
+            return
+        log.info("listener on %r: delivery %s not given to %s (undecodable); sent to %r", self.queue,
+                 message.delivery_tag, _callback_name(self.callback), target)
+        self._settle(message, "ack")
 
     def _reply(self, conn: PukaConnection, message: Message, value: Any) -> None:
         """Publish what the callback returned to the request's ``reply_to`` (see the module doc)."""

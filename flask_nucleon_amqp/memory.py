@@ -1258,6 +1258,8 @@ class MemoryConnection(BaseConnection[_Consumer]):
             message_id=message_id, timestamp=timestamp, type=type, app_id=app_id, user_id=user_id))
         _puka.shortstr(exchange, "exchange")
         _puka.shortstr(routing_key, "routing_key")
+        if "headers" in properties:  # what RabbitMQ's frame_max refuses (issue 16)
+            _puka.content_header(properties, len(data))
         wire = self._wire_properties(properties)
         context = {"exchange": exchange, "routing_key": routing_key}
         session = self._live_session()
