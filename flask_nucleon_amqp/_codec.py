@@ -20,7 +20,8 @@ from __future__ import annotations
 import calendar
 import datetime
 import decimal
-from struct import Struct, error as StructError
+from struct import Struct
+from struct import error as StructError
 from typing import Any
 
 __all__ = ["MAX_DEPTH", "DecodeError", "shortstr", "encode_table", "encode_properties", "decode_table",

@@ -31,8 +31,16 @@ from puka import spec as puka_spec
 from puka import table as puka_table
 from puka.client import machine_decorator
 
-from ._codec import (PROPERTY_NAMES, DecodeError, decode_properties, decode_table, encode_properties, encode_table,
-                     lenient_str, shortstr)
+from ._codec import (
+    PROPERTY_NAMES,
+    DecodeError,
+    decode_properties,
+    decode_table,
+    encode_properties,
+    encode_table,
+    lenient_str,
+    shortstr,
+)
 from .exceptions import PublishNacked
 
 log = logging.getLogger(__name__)

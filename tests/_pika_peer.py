@@ -3,11 +3,12 @@
 pika 1.4 emits only some field types (``S x t I l D T F A V``) and decodes
 floats as ints; the tests need every type both ways, so :func:`pika_codec`
 extends its encoder (``Raw`` values are sent as the given bytes, floats as
-``d``) and mends its float decoding, for the duration of a test module.
+``d``) and mends its float decoding, while :func:`pika_codec` is entered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -44,7 +45,7 @@ def nested_tables(depth: int) -> bytes:
     return inner
 
 
-@pytest.fixture(scope="module")
+@contextlib.contextmanager
 def pika_codec() -> Iterator[None]:
     original_encode_value, original_encode_table = pika.data.encode_value, pika.data.encode_table
     original_decode_value = pika.data.decode_value
@@ -79,17 +80,19 @@ def pika_codec() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def pika_channel(pika_codec: None) -> Iterator[Any]:
-    connection = pika.BlockingConnection(pika.ConnectionParameters(
-        BROKER_HOST, BROKER_PORT, credentials=pika.PlainCredentials("guest", "guest"), heartbeat=0))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()  # a publish returns once the broker has routed it
-        yield channel
-    finally:
-        if connection.is_open:
-            connection.close()
+@contextlib.contextmanager
+def pika_peer() -> Iterator[Any]:
+    """A pika channel to the test broker, with the extended codec, in confirm mode."""
+    with pika_codec():
+        connection = pika.BlockingConnection(pika.ConnectionParameters(
+            BROKER_HOST, BROKER_PORT, credentials=pika.PlainCredentials("guest", "guest"), heartbeat=0))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()  # a publish returns once the broker has routed it
+            yield channel
+        finally:
+            if connection.is_open:
+                connection.close()
 
 
 def pika_publish(channel: Any, queue: str, body: bytes, headers: Any) -> None:

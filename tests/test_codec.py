@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import gevent
+import pika.data
 import pytest
+from _pika_peer import Raw, pika_codec, pika_get, pika_peer, pika_publish, raw
 from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,10 +21,15 @@ from hypothesis import strategies as st
 from flask_nucleon_amqp import AMQP, PukaConnection, Unroutable, _codec, memory
 from flask_nucleon_amqp.memory import MemoryConnection
 
-from _pika_peer import Raw, nested_tables, pika_channel, pika_codec, pika_get, pika_publish, raw  # noqa: F401
 from conftest import Names, make_app, wait_until
 
 UTC = datetime.timezone.utc
+
+
+@pytest.fixture(scope="module")
+def pika_channel() -> Iterator[Any]:
+    with pika_peer() as channel:
+        yield channel
 
 
 def typed(value: Any) -> Any:
@@ -328,7 +335,7 @@ _SCALARS = st.one_of(
     .map(lambda moment: moment.replace(microsecond=0)),
 )
 _VALUES = st.recursive(_SCALARS, lambda children: st.lists(children, max_size=4) | st.dictionaries(
-    _KEYS, children, max_size=4), max_leaves=16)
+    _KEYS, children, max_size=4), max_leaves=12)
 _TABLES = st.dictionaries(_KEYS, _VALUES, max_size=6)
 
 
@@ -356,12 +363,15 @@ def _naive(value: Any) -> Any:
     return value
 
 
-@settings(derandomize=True, max_examples=150, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(derandomize=True, max_examples=80, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(table=_TABLES)
-def test_generated_tables_round_trip_both_ways_with_pika(pika_codec: None, table: dict[str, Any]) -> None:
-    import pika.data
+def test_generated_tables_round_trip_both_ways_with_pika(table: dict[str, Any]) -> None:
+    with pika_codec():
+        _round_trip_with_pika(table)
 
+
+def _round_trip_with_pika(table: dict[str, Any]) -> None:
     ours = _codec.encode_table(table)
     assert typed(_codec.decode_table(ours)[0]) == typed(_as_received(table))
     theirs, _ = pika.data.decode_table(ours, 0)

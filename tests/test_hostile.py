@@ -18,16 +18,22 @@ from typing import Any
 
 import gevent
 import pytest
+from _pika_peer import RawTable, nested_tables, pika_peer, pika_publish, raw
 from flask import Flask
 from gevent.queue import Queue as GQueue
 
 from flask_nucleon_amqp import AMQP, AMQPState, Binding, Exchange, Message, PukaConnection, Queue, signals
 
-from _pika_peer import RawTable, nested_tables, pika_channel, pika_codec, pika_publish, raw  # noqa: F401
 from _proxy import Proxy
 from conftest import BROKER_HOST, BROKER_PORT, Names, make_app, wait_until
 
 MARK = b"hostile-case"
+
+
+@pytest.fixture(scope="module")
+def pika_channel() -> Iterator[Any]:
+    with pika_peer() as channel:
+        yield channel
 
 
 def _table(entries: bytes, size: int | None = None) -> bytes:
