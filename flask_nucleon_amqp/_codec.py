@@ -61,7 +61,10 @@ def lenient_str(raw: bytes) -> str | bytes:
 def shortstr(value: Any, name: str) -> bytes:
     """Encode an AMQP short string (names, routing keys, string properties) as UTF-8, at most 255 bytes."""
     if isinstance(value, str):
-        data = value.encode("utf-8")
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{name} is not valid Unicode ({exc.reason})") from None
     elif isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     else:
@@ -110,12 +113,15 @@ def _table(table: dict[Any, Any], depth: int) -> bytes:
     parts: list[bytes] = []
     append = parts.append
     for key, value in table.items():
-        if type(key) is str:
-            name = key.encode("utf-8")
-        elif isinstance(key, (str, bytes, bytearray)):
-            name = key.encode("utf-8") if isinstance(key, str) else bytes(key)
-        else:
-            raise _Refused(TypeError, f"key {key!r} must be a str, got {type(key).__name__}")
+        try:
+            if type(key) is str:
+                name = key.encode("utf-8")
+            elif isinstance(key, (str, bytes, bytearray)):
+                name = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+            else:
+                raise _Refused(TypeError, f"key {key!r} must be a str, got {type(key).__name__}")
+        except UnicodeEncodeError as exc:
+            raise _Refused(ValueError, f"key {key!r} is not valid Unicode ({exc.reason})") from None
         if len(name) > 255:
             raise _Refused(ValueError, f"key {name[:40]!r}... is {len(name)} bytes long; AMQP allows at most 255")
         append(_U8.pack(len(name)))
@@ -125,8 +131,16 @@ def _table(table: dict[Any, Any], depth: int) -> bytes:
         except _Refused as exc:
             exc.path.append(key)
             raise
+        except UnicodeEncodeError as exc:
+            raise _unencodable(exc, key) from None
     data = b"".join(parts)
     return _U32.pack(len(data)) + data
+
+
+def _unencodable(exc: UnicodeEncodeError, step: Any) -> _Refused:
+    refused = _Refused(ValueError, f"a string that is not valid Unicode ({exc.reason}) cannot be sent")
+    refused.path.append(step)
+    return refused
 
 
 def _value(parts: list[bytes], value: Any, depth: int) -> None:
@@ -211,6 +225,8 @@ def _array(items: list[Any] | tuple[Any, ...], depth: int) -> bytes:
         except _Refused as exc:
             exc.path.append(index)
             raise
+        except UnicodeEncodeError as exc:
+            raise _unencodable(exc, index) from None
     data = b"".join(parts)
     return _HEAD_S.pack(b"A", len(data)) + data
 

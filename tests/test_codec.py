@@ -204,6 +204,9 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
     "many-over-frame-max": ({"headers": {f"k{i}": "v" * 100 for i in range(1400)}}, ValueError, "frame_max"),
     "priority-256": ({"priority": 256}, ValueError, "priority"),
     "headers-not-dict": ({"headers": [("a", 1)]}, TypeError, "headers must be a dict"),
+    "lone-surrogate": ({"headers": {"a": ["ok", "\ud800"]}}, ValueError, r"headers\['a'\]\[1\]: .*not valid Unicode"),
+    "lone-surrogate-key": ({"headers": {"\udfff": 1}}, ValueError, "headers: key .* not valid Unicode"),
+    "lone-surrogate-property": ({"correlation_id": "\ud800"}, ValueError, "correlation_id is not valid Unicode"),
 }
 
 
