@@ -258,6 +258,21 @@ def test_largest_header_that_fits_is_sent(conn: PukaConnection, queue: str) -> N
     assert conn.stats["lost"] == 0
 
 
+def test_a_smaller_negotiated_frame_max_is_enforced_at_the_call(conn: PukaConnection, queue: str) -> None:
+    """A broker may tune frame_max below 131072: the check uses the connection's own value."""
+    conn.publish("", queue, b"open")  # the session exists
+    session = conn._session
+    assert session is not None
+    session.client.frame_max = 8192  # as if the broker had said so at the handshake
+    called: list[Any] = []
+    for callback in (None, lambda *args: called.append(args)):
+        with pytest.raises(ValueError, match="frame_max 8192"):
+            conn.publish("", queue, b"x", headers={"h": "x" * 9000}, callback=callback)
+    assert conn.pending == 0 and called == []
+    conn.publish("", queue, b"fits", headers={"h": "x" * 8000})
+    assert [conn.get(queue, no_ack=True).body for _ in range(2)] == [b"open", b"fits"]  # type: ignore[union-attr]
+
+
 # -- the poison of issue 16 ------------------------------------------------------------------------
 
 def test_an_unsigned_byte_header_no_longer_wedges_the_queue(
