@@ -6,6 +6,11 @@ module globals, applied once on import. Each fix names the defect it mends
 (numbering of the project's puka notes: D1 ... D27) and has a test in
 ``tests/test_puka_fixes.py``.
 
+Field tables and properties are encoded and decoded by :mod:`._codec`
+(installed here in place of puka's ``table``/``spec`` functions): a delivery
+whose properties cannot be decoded costs that message only, while frames that
+break the protocol end the connection with a reason.
+
 Nothing here does I/O of its own or knows about gevent: :mod:`.connection`
 drives a :class:`FixedClient`.
 """
