@@ -11,9 +11,9 @@
 * ``GET /healthz``: the broker answers and this process's listeners consume.
 
 Run it with ``make run``: ``flask amqp declare``, then gunicorn with two gevent
-workers (see gunicorn.conf.py). Listeners need a gevent server (or a separate
-``flask amqp listen`` process): a threaded development server leaves their
-greenlets idle between requests.
+workers (see gunicorn.conf.py). ``flask --app app run`` works too: under a
+threaded server the extension runs its connections and listeners in a hub
+thread of its own (see the Servers page of the docs).
 """
 
 from __future__ import annotations

@@ -150,6 +150,7 @@ def listen_command(timeout: float | None) -> None:
     On the signal: stop taking deliveries, let running callbacks finish (up to
     the timeout) and ack them, close. Messages not acked go back to the queue.
     """
+    gevent.get_hub()  # this command runs gevent's hub in its main thread: AMQP_RUNTIME="auto" picks gevent
     state = _state()
     assert state.lifecycle is not None
     with _expected_errors():
@@ -178,6 +179,8 @@ def _wait_for_signal() -> int:
     previous = {signum: signal.getsignal(signum) for signum in signals}
     watchers = [gevent.signal_handler(signum, received.set, signum) for signum in signals]
     try:
+        while not received.ready():  # with a timeout: a hub with only signal watchers would exit its loop
+            received.wait(1.0)
         return int(received.get())
     finally:
         for watcher in watchers:

@@ -275,4 +275,7 @@ EXTRA_APP_KEYS: dict[str, Any] = {
     "AMQP_DECLARE_ON_START": True,
     #: Start listeners when a web process initialises; False leaves them to `flask amqp listen`.
     "AMQP_START_LISTENERS": True,
+    #: Where connections, listeners and callbacks run: "auto", "gevent" (the main thread's gevent hub) or
+    #: "thread" (a hub thread of the extension's own); see the Servers section of the docs.
+    "AMQP_RUNTIME": "auto",
 }

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from flask import Flask, current_app, has_app_context
 
+from . import runtime as _runtime
 from .config import APP_KEYS, EXTRA_APP_KEYS, PoolSettings, read_config
 from .connection import Callback, PukaConnection
 from .exceptions import ConfigError
@@ -23,6 +24,7 @@ from .listener import Listener, ListenerOptions, MessageCallback
 from .message import Message
 from .pool import Pool
 from .retry import RetryPolicy, retry_declarations
+from .runtime import Runtime, in_hub
 from .topology import Declaration, Topology
 
 __all__ = ["AMQP", "AMQPState"]
@@ -39,10 +41,13 @@ class AMQPState:
     declaring, and the ``listen`` pool for consuming.
     """
 
-    def __init__(self, settings: dict[str, PoolSettings], shutdown_timeout: float) -> None:
+    def __init__(self, settings: dict[str, PoolSettings], shutdown_timeout: float, runtime: str = "auto") -> None:
         self.settings = settings
         self.shutdown_timeout = shutdown_timeout
-        self.pools = {name: Pool(pool_settings) for name, pool_settings in settings.items()}
+        #: AMQP_RUNTIME: "auto", "gevent" or "thread" (see runtime.py).
+        self.runtime_mode = _runtime.check_mode(runtime)
+        self._runtime: Runtime | None = None
+        self.pools = {name: Pool(pool_settings, self.runtime_mode) for name, pool_settings in settings.items()}
         self.closed = False
         #: This app's topology: AMQP_TOPOLOGY plus the extension's registry (set by init_app).
         self.topology = Topology()
@@ -51,6 +56,14 @@ class AMQPState:
 
     def __repr__(self) -> str:
         return f"<AMQPState pools={sorted(self.pools)}>"
+
+    @property
+    def runtime(self) -> Runtime:
+        """Where this app's connections, listeners and callbacks run (see runtime.py)."""
+        runtime = self._runtime
+        if runtime is None or not runtime.alive:
+            runtime = self._runtime = _runtime.get(self.runtime_mode)
+        return runtime
 
     def get_amqp_pool(self, type: str = "publish") -> Pool:
         """The pool named ``type`` ("publish" and "listen" always exist)."""
@@ -84,6 +97,7 @@ class AMQPState:
     def nack(self, message: Message, requeue: bool = True) -> None:
         message.nack(requeue)
 
+    @in_hub
     def cancel(self, promise: int, timeout: float | None = None) -> None:
         """Cancel a consumer started through any pool of this app."""
         for pool in self.pools.values():
@@ -121,6 +135,7 @@ class AMQPState:
         return self.connection().queue_unbind(queue, exchange, routing_key, **options)
 
     # Lifecycle: topology, listeners, initialisation (see lifecycle.py).
+    @in_hub
     def declare(self, *declarations: Declaration) -> list[Declaration]:
         """Register Exchange/Queue/Binding values in this app's topology and declare them now.
 
@@ -129,6 +144,7 @@ class AMQPState:
         self.topology.add(*declarations)
         return self.topology.declare(self.connection(), only=declarations)
 
+    @in_hub
     def register_and_spawn_amqp_listener(self, queue: str, callback: MessageCallback, type: str = "listen", *,
                                          prefetch_count: int = 10, concurrency: int | None = None,
                                          on_error: str = "requeue",
@@ -160,11 +176,13 @@ class AMQPState:
         """The listeners of this process."""
         return self.lifecycle.listeners if self.lifecycle is not None else []
 
+    @in_hub
     def initialise(self, start_listeners: bool | None = None) -> None:
         """Run the on_initialise steps now if this process has not yet (see lifecycle.py)."""
         assert self.lifecycle is not None, "set up by init_app"
         self.lifecycle.initialise(start_listeners=start_listeners)
 
+    @in_hub
     def health(self) -> dict[str, Any]:
         """A JSON-able health report for a ``/healthz`` route; never waits, never opens a new connection
         per call (a pool with no open connection starts one attempt in the background).
@@ -172,10 +190,11 @@ class AMQPState:
         pools = {name: pool.health() for name, pool in self.pools.items()}
         listeners = [{"queue": listener.queue, "consuming": listener.consuming} for listener in self.listeners]
         ok = all(pool["ok"] for pool in pools.values()) and all(entry["consuming"] for entry in listeners)
-        return {"ok": ok, "pools": pools, "listeners": listeners}
+        return {"ok": ok, "pools": pools, "listeners": listeners, "runtime": self.runtime.describe()}
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per pool: connections open, pending operations, publishes confirmed/failed, deliveries."""
+        """Per pool: connections open, pending operations, publishes confirmed/failed, deliveries,
+        and ``runtime``: "gevent" or "thread" (None before first use; see runtime.py)."""
         return {name: pool.stats() for name, pool in self.pools.items()}
 
     def close(self, timeout: float | None = None) -> None:
@@ -185,6 +204,20 @@ class AMQPState:
         """
         if self.closed:
             return
+        used = {id(runtime): runtime for runtime in [self._runtime, *(pool._runtime for pool in self.pools.values())]
+                if runtime is not None}
+        if used:
+            self._close_in_hub(timeout)
+        else:  # never used: no hub to start just to close
+            self._close(timeout)
+        for runtime in used.values():  # the last app using a hub thread closed: stop it
+            if not any(state._uses(runtime) for state in list(_live_states) if not state.closed):
+                runtime.stop(min(self.shutdown_timeout, 5.0))
+
+    def _uses(self, runtime: Runtime) -> bool:
+        return self._runtime is runtime or any(pool._runtime is runtime for pool in self.pools.values())
+
+    def _close(self, timeout: float | None) -> None:
         self.closed = True
         if self.lifecycle is not None:
             try:
@@ -197,6 +230,8 @@ class AMQPState:
             except Exception:  # noqa: BLE001 - shutting down must go on for the other pools
                 log.exception("closing AMQP pool %r failed", pool.name)
 
+    _close_in_hub = in_hub(_close)
+
 
 _live_states: weakref.WeakSet[AMQPState] = weakref.WeakSet()
 
@@ -208,6 +243,7 @@ def _close_all_at_exit() -> None:
             state.close()
         except Exception:  # noqa: BLE001 - never raise at interpreter exit
             pass
+    _runtime.shutdown()
 
 
 class AMQP:
@@ -240,7 +276,7 @@ class AMQP:
         shutdown_timeout = app.config["AMQP_SHUTDOWN_TIMEOUT"]
         if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)):
             raise ConfigError("AMQP_SHUTDOWN_TIMEOUT", f"must be a number of seconds, got {shutdown_timeout!r}")
-        state = AMQPState(settings, float(shutdown_timeout))
+        state = AMQPState(settings, float(shutdown_timeout), _runtime.check_mode(app.config["AMQP_RUNTIME"]))
         attach(app, state, self._registry)  # topology, on_initialise, listeners, `flask amqp`
         app.extensions["amqp"] = state
         app.amqp = state  # type: ignore[attr-defined]

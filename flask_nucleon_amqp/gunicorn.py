@@ -29,7 +29,6 @@ import signal
 from types import FrameType
 from typing import Any
 
-import gevent
 from flask import Flask
 
 from .lifecycle import live_apps
@@ -63,7 +62,8 @@ def post_worker_init(worker: Any) -> None:
         if callable(previous):
             previous(signum, frame)  # gunicorn's own: stop accepting, finish requests
         # Blocking calls do not belong in a signal handler (gunicorn does the same for SIGQUIT).
-        gevent.spawn(_cancel_listeners, apps)
+        for app in apps:  # in the hub of the app's connections (the worker's, or thread mode's hub thread)
+            app.extensions["amqp"].runtime.submit(_cancel_listeners, [app])
 
     signal.signal(signal.SIGTERM, on_sigterm)
 

@@ -37,6 +37,7 @@ from flask import Flask
 
 from .exceptions import AMQPError, ConfigError, ConnectionError, Timeout
 from .listener import Listener, ListenerOptions, MessageCallback, _callback_name
+from .runtime import Runtime, in_hub
 from .topology import Topology, topology_from_config
 
 if TYPE_CHECKING:
@@ -121,6 +122,11 @@ class Lifecycle:
         self.listeners: list[Listener] = []
 
     @property
+    def runtime(self) -> Runtime:
+        """The app's runtime: initialising, listeners and stopping run in its hub, whatever thread asks."""
+        return self.state.runtime
+
+    @property
     def initialised(self) -> bool:
         return self._pid == os.getpid() and self._done and self._error is None
 
@@ -131,6 +137,7 @@ class Lifecycle:
             return
         self.initialise()
 
+    @in_hub
     def initialise(self, *, start_listeners: bool | None = None) -> None:
         """Initialise this process once: topology, handlers, listeners (see the module doc).
 
@@ -205,6 +212,7 @@ class Lifecycle:
             listener.register_declarations()  # `flask amqp declare` declares its retry queues
         return listener
 
+    @in_hub
     def start_listeners(self) -> list[Listener]:
         """Start every registered listener not started yet (``flask amqp listen``)."""
         self._this_process()
@@ -213,11 +221,13 @@ class Lifecycle:
                 listener.start()
         return list(self.listeners)
 
+    @in_hub
     def cancel_listeners(self) -> None:
         """Stop taking deliveries at once (basic.cancel); running callbacks go on (SIGTERM)."""
         for listener in list(self.listeners):
             listener.cancel()
 
+    @in_hub
     def stop(self, timeout: float | None = None) -> bool:
         """Stop every listener gracefully; True when every running callback finished in time."""
         if self._pid != os.getpid():

@@ -12,6 +12,7 @@ import json as _json
 import logging
 from typing import Any, Protocol
 
+from . import runtime as _runtime
 from .exceptions import MessageStateError
 
 __all__ = ["Message", "encode_body"]
@@ -147,6 +148,10 @@ class Message(dict[str, Any]):
         self._settle("nack", requeue)
 
     def _settle(self, action: str, requeue: bool) -> None:
+        home = _runtime.of(self._owner)
+        if home is not None and not home.is_home():  # another OS thread: settle in the connection's hub
+            home.call(self._settle, action, requeue)
+            return
         if self._owner is None:
             raise MessageStateError("this message was consumed with no_ack=True; there is nothing to settle")
         if self.settled:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import gevent
 import gevent.monkey
 
+from . import runtime as _runtime
 from .config import PoolSettings
 from .connection import PukaConnection
 from .exceptions import ConnectionError
+from .runtime import Runtime, ThreadBridge, in_hub
 
 __all__ = ["Pool"]
 
@@ -29,8 +31,12 @@ _all_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 class Pool:
     """Up to ``settings.size`` connections to one broker (or cluster), shared by all greenlets."""
 
-    def __init__(self, settings: PoolSettings) -> None:
+    def __init__(self, settings: PoolSettings, runtime: str = "auto") -> None:
         self.settings = settings
+        #: AMQP_RUNTIME: where the connections live (see runtime.py); resolved on first use.
+        self.runtime_mode = _runtime.check_mode(runtime)
+        self._runtime: Runtime | None = None
+        self._bridges: dict[int, ThreadBridge] = {}
         self._connections: list[PukaConnection | None] = [None] * settings.size
         self._next = 0
         self._pid = os.getpid()
@@ -49,23 +55,51 @@ class Pool:
     def name(self) -> str:
         return self.settings.name
 
+    @property
+    def runtime(self) -> Runtime:
+        """The hub this pool's connections live in (see runtime.py)."""
+        runtime = self._runtime
+        if runtime is None or not runtime.alive:
+            runtime = self._runtime = _runtime.get(self.runtime_mode)
+        return runtime
+
     def connection(self) -> PukaConnection:
         """Return one of the pool's shared connections (round-robin).
 
         The connection opens on its first operation. Do not close it: it is
-        shared. It can be used as a context manager, as in Nucleon.
+        shared. It can be used as a context manager, as in Nucleon. Outside
+        the connections' hub thread (see runtime.py) it comes wrapped in a
+        :class:`~flask_nucleon_amqp.runtime.ThreadBridge` that hands every call to that hub.
         """
         if self._pid != os.getpid():
             self._after_fork()
         if self.closed:
             node = self.settings.nodes[0]
             raise ConnectionError(f"AMQP pool {self.name!r} was closed", node.host, node.port)
+        runtime = self.runtime
         index = self._next
         self._next = (index + 1) % len(self._connections)
+        conn = self._connections[index]
+        if runtime.is_home():
+            if conn is None:
+                conn = self._connections[index] = self._new_connection(index)
+            return conn
+        if conn is None:
+            conn = runtime.call(self._connection_at, index, _limit=self.settings.connect_timeout + 2.0)
+        return self._bridge(conn)
+
+    def _connection_at(self, index: int) -> PukaConnection:
         conn = self._connections[index]
         if conn is None:
             conn = self._connections[index] = self._new_connection(index)
         return conn
+
+    def _bridge(self, conn: PukaConnection) -> PukaConnection:
+        """The connection as seen from a thread that is not its hub's (one bridge per connection)."""
+        bridge = self._bridges.get(id(conn))
+        if bridge is None or bridge._target is not conn:
+            bridge = self._bridges[id(conn)] = ThreadBridge(conn, self.runtime)
+        return cast(PukaConnection, bridge)
 
     def _new_connection(self, index: int) -> PukaConnection:
         conn: PukaConnection
@@ -76,30 +110,36 @@ class Pool:
         else:
             conn = PukaConnection(self.settings, index)
         conn.on_open = self.on_open  # shared: a hook added to the pool reaches every connection
+        _runtime.bind(conn, self.runtime)
         return conn
 
     def connections(self) -> list[PukaConnection]:
-        """The connections created so far."""
-        return [c for c in self._connections if c is not None]
+        """The connections created so far (bridged outside their hub thread, as by :meth:`connection`)."""
+        made = [c for c in self._connections if c is not None]
+        if self._runtime is None or self._runtime.is_home():
+            return made
+        return [self._bridge(c) for c in made]
 
     def stats(self) -> dict[str, Any]:
         """Counters summed over the pool's connections."""
         total: dict[str, Any] = {"size": self.settings.size, "open": 0, "pending": 0, "blocked": False}
-        for conn in self.connections():
+        for conn in [c for c in self._connections if c is not None]:
             total["open"] += conn.is_open
             total["pending"] += conn.pending
             total["blocked"] = total["blocked"] or conn.blocked
-            for key, value in conn.stats.items():
+            for key, value in list(conn.stats.items()):
                 total[key] = total.get(key, 0) + value
+        total["runtime"] = self._runtime.mode if self._runtime is not None else None
         return total
 
+    @in_hub
     def health(self) -> dict[str, Any]:
         """Is the pool connected? Cheap enough to call every second: it never waits.
 
         When no connection is open it starts one opening attempt in the
         background (at most one at a time) and reports the last error.
         """
-        connections = self.connections()
+        connections = [c for c in self._connections if c is not None]
         open_count = sum(conn.is_open for conn in connections)
         if open_count == 0 and not self.closed and (self._probe is None or self._probe.dead):
             self._probe = gevent.spawn(self._try_to_connect)
@@ -127,15 +167,25 @@ class Pool:
         if self._pid != os.getpid():
             self._after_fork()
             return
+        if self._runtime is None:  # never used: nothing to close, and no hub to start for it
+            self.closed = True
+            return
+        self._close(timeout)
+
+    @in_hub
+    def _close(self, timeout: float) -> None:
         self.closed = True
-        for conn in self.connections():
+        for conn in [c for c in self._connections if c is not None]:
             conn.close(timeout)
 
     def _after_fork(self) -> None:
         # The parent's sockets are the parent's: forget them without a read or write.
-        for conn in self.connections():
-            conn.forget()
+        for conn in self._connections:
+            if conn is not None:
+                conn.forget()
         self._connections = [None] * self.settings.size
+        self._bridges = {}
+        self._runtime = None
         self._pid = os.getpid()
 
 
