@@ -28,6 +28,7 @@ from .lifecycle import InitialisationError, on_initialise
 from .listener import Listener
 from .message import Message
 from .pool import Pool
+from .protocol import Connection
 from .retry import RetryPolicy
 from .topology import Binding, CheckResult, Exchange, Queue, Topology
 
@@ -41,6 +42,7 @@ __all__ = [
     "PoolSettings",
     "RetryPolicy",
     "CheckResult",
+    "Connection",
     "PukaConnection",
     "Message",
     "on_initialise",

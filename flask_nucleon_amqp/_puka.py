@@ -22,6 +22,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 from struct import pack, unpack_from
 from typing import Any
@@ -749,3 +750,61 @@ class FixedClient(puka.Client):  # type: ignore[misc]
                 keep.append(item)
         pt.x_async_next = keep
         return failed
+
+    # -- the accessors the connection uses: nothing outside this module touches puka's internals -----
+    def send_frames(self, channel_number: int, frames: Any) -> None:
+        """Queue ready-made frames (acks, rejects, heartbeats, requests) on a channel."""
+        self._send_frames(channel_number, frames)
+
+    def find_promise(self, number: int | None) -> Any:
+        """The live puka promise numbered ``number``, or None once it has ended."""
+        return self.promises._promises.get(number)
+
+    def channel_alive(self, channel: Any) -> bool:
+        """True while ``channel`` is open and still this client's channel of its number."""
+        return bool(channel is not None and channel.alive and self.channels.channels.get(channel.number) is channel)
+
+    def channel_number(self, number: int | None) -> int | None:
+        """The channel promise ``number`` runs on, or None when it has ended or has no channel."""
+        promise = self.promises._promises.get(number)
+        return None if promise is None or promise.channel is None else int(promise.channel.number)
+
+    def release_get(self, number: int) -> None:
+        """A message of basic.get ``number`` was settled: let puka release the channel the get holds."""
+        promise = self.promises._promises.get(number)
+        if promise is not None and promise.refcnt > 0:
+            promise.refcnt_dec()
+
+    def on_deliveries(self, number: int, handler: Callable[[Any, int, Any], None]) -> None:
+        """Run ``handler(channel, promise_number, frame)`` for each delivery of consumer ``number``.
+
+        Straight from the I/O greenlet: puka's ready-set and refcount are skipped (we settle on the channel).
+        """
+        deliver_method = puka_spec.METHOD_BASIC_DELIVER
+
+        def deliver(promise: Any, result: Any) -> None:
+            promise.register(deliver_method, deliver)
+            handler(promise.channel, promise.number, result)
+
+        self.promises.by_number(number).register(deliver_method, deliver)
+
+    def on_consume_ok(self, number: int, ready: Callable[[], None]) -> None:
+        """Call ``ready()`` once every consume-ok of consumer ``number`` has arrived (D17)."""
+        self.promises.by_number(number).x_on_consume_ok = ready
+
+    def on_returns(self, number: int, handler: Callable[[Any], None]) -> None:
+        """Run ``handler(frame)`` for each basic.return on the channel of promise ``number`` (once registered)."""
+        promise = self.promises._promises.get(number)
+        return_method = puka_spec.METHOD_BASIC_RETURN
+        if promise is None or return_method in promise.methods:
+            return
+
+        def returned(promise: Any, result: Any) -> None:
+            promise.register(return_method, returned)
+            handler(result)
+
+        promise.register(return_method, returned)
+
+
+#: How received short strings are decoded (UTF-8, or bytes when they are not UTF-8: D5).
+as_str = _lenient_as_str

@@ -17,12 +17,12 @@ from flask import Flask, current_app, has_app_context
 
 from . import runtime as _runtime
 from .config import APP_KEYS, EXTRA_APP_KEYS, PoolSettings, read_config
-from .connection import Callback, PukaConnection
 from .exceptions import ConfigError
 from .lifecycle import Lifecycle, ListenerSpec, Registry, attach
 from .listener import Listener, ListenerOptions, MessageCallback
 from .message import Message
 from .pool import Pool
+from .protocol import Callback, Connection
 from .retry import RetryPolicy, retry_declarations
 from .runtime import Runtime, in_hub
 from .topology import Declaration, Topology
@@ -72,7 +72,7 @@ class AMQPState:
         except KeyError:
             raise KeyError(f"no AMQP pool named {type!r}; configured pools: {sorted(self.pools)}") from None
 
-    def connection(self, type: str = "publish") -> PukaConnection:
+    def connection(self, type: str = "publish") -> Connection:
         """A shared connection of the pool named ``type``."""
         return self.get_amqp_pool(type).connection()
 

@@ -63,8 +63,8 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from .config import PoolSettings
-    from .connection import PukaConnection
     from .message import Message
+    from .protocol import Connection
     from .topology import Declaration
 
 __all__ = ["Listener", "ListenerOptions", "MessageCallback", "ON_ERROR"]
@@ -72,7 +72,7 @@ __all__ = ["Listener", "ListenerOptions", "MessageCallback", "ON_ERROR"]
 log = logging.getLogger(__name__)
 
 #: callback(connection, promise, message), as in Nucleon.
-MessageCallback = Callable[["PukaConnection", int, "Message"], Any]
+MessageCallback = Callable[["Connection", int, "Message"], Any]
 
 #: What a callback that raises does to its message.
 ON_ERROR = ("requeue", "reject", "dead-letter")
@@ -146,7 +146,7 @@ class Listener:
     """
 
     def __init__(self, app: Flask, queue: str, callback: MessageCallback, options: ListenerOptions,
-                 connect: Callable[[str], PukaConnection], topology: Topology | None = None,
+                 connect: Callable[[str], Connection], topology: Topology | None = None,
                  redeclare: bool = False) -> None:
         if not isinstance(queue, str) or not queue:
             raise ValueError(f"queue must be a non-empty string, got {queue!r}")
@@ -160,7 +160,7 @@ class Listener:
         self._topology = topology
         self._redeclare = redeclare
         #: The connection and consumer promise of the current consumer (None until it started).
-        self.connection: PukaConnection | None = None
+        self.connection: Connection | None = None
         self.promise: int | None = None
         #: received: deliveries; handled: callbacks that returned; failed: callbacks that raised.
         self.stats = {"received": 0, "handled": 0, "failed": 0}
@@ -168,7 +168,7 @@ class Listener:
         self._concurrency = options.concurrency
         self._busy = 0  # workers between spawn and their final look at the backlog
         self._workers = gevent.pool.Pool(options.concurrency)
-        self._backlog: deque[tuple[PukaConnection, int, Message]] = deque()
+        self._backlog: deque[tuple[Connection, int, Message]] = deque()
         self._stopping = Event()
         self._supervisor: gevent.Greenlet | None = None
         self._pid = os.getpid()
@@ -295,7 +295,7 @@ class Listener:
                                     prefetch_count=self.options.prefetch_count)
         log.info("listening on %r (%s)", self.queue, _callback_name(self.callback))
 
-    def _declare_retry_queues(self, conn: PukaConnection) -> None:
+    def _declare_retry_queues(self, conn: Connection) -> None:
         """Declare the retry queues before consuming, so the first failure has somewhere to go.
 
         The queue itself is checked first (passively): a listener on a queue
@@ -311,7 +311,7 @@ class Listener:
                 conn.on_open.append(hook)
 
     # -- deliveries ---------------------------------------------------------------------------------
-    def _on_delivery(self, conn: PukaConnection, promise: int, message: Message) -> None:
+    def _on_delivery(self, conn: Connection, promise: int, message: Message) -> None:
         """Runs in the connection's callback greenlet: hand over at once, never block it."""
         if self._stopping.is_set():
             self._settle(message, "reject", requeue=True)
@@ -325,7 +325,7 @@ class Listener:
         else:
             self._backlog.append((conn, promise, message))
 
-    def _work(self, conn: PukaConnection, promise: int, message: Message) -> None:
+    def _work(self, conn: Connection, promise: int, message: Message) -> None:
         try:
             self._handle(conn, promise, message)
             while self._backlog and not self._stopping.is_set():
@@ -333,7 +333,7 @@ class Listener:
         finally:
             self._busy -= 1  # after the last look at the backlog, with no yield in between
 
-    def _handle(self, conn: PukaConnection, promise: int, message: Message) -> None:
+    def _handle(self, conn: Connection, promise: int, message: Message) -> None:
         if message.decode_error is not None:
             self._undecodable(conn, message)
             return
@@ -357,7 +357,7 @@ class Listener:
             if not message.settled:
                 self._settle(message, "ack")
 
-    def _failed(self, conn: PukaConnection, message: Message, exc: Exception) -> None:
+    def _failed(self, conn: Connection, message: Message, exc: Exception) -> None:
         """The callback (or its reply) raised: log it, then requeue, reject, retry or dead-letter."""
         where = f"listener on {self.queue!r}: {_callback_name(self.callback)} raised on delivery {message.delivery_tag}"
         policy = self.options.retry
@@ -389,7 +389,7 @@ class Listener:
             return
         self._settle(message, "ack")  # only once the broker has confirmed the copy
 
-    def _undecodable(self, conn: PukaConnection, message: Message) -> None:
+    def _undecodable(self, conn: Connection, message: Message) -> None:
         """A delivery whose headers could not be decoded (already logged as a warning).
 
         It is not given to the callback, which would see it without its
@@ -421,7 +421,7 @@ class Listener:
                  message.delivery_tag, _callback_name(self.callback), target)
         self._settle(message, "ack")
 
-    def _reply(self, conn: PukaConnection, message: Message, value: Any) -> None:
+    def _reply(self, conn: Connection, message: Message, value: Any) -> None:
         """Publish what the callback returned to the request's ``reply_to`` (see the module doc)."""
         reply_to = message.reply_to
         if not reply_to:
@@ -437,7 +437,7 @@ class Listener:
         else:
             publisher.publish("", reply_to, json=value, correlation_id=correlation_id)
 
-    def _publisher(self, conn: PukaConnection) -> PukaConnection:
+    def _publisher(self, conn: Connection) -> Connection:
         """Where replies and retries are published: the publish pool when it reaches the same broker.
 
         A connection that publishes can be blocked by a resource alarm, which

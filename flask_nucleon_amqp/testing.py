@@ -35,6 +35,7 @@ from . import memory, signals
 from .exceptions import AMQPError, ConnectionError
 from .message import Message
 from .pool import Pool
+from .protocol import Connection
 
 if TYPE_CHECKING:
     from .extension import AMQPState
@@ -81,7 +82,7 @@ class AMQPNames:
         self.app = app
         return self
 
-    def cleanup(self, connection: Any) -> list[str]:
+    def cleanup(self, connection: Connection) -> list[str]:
         """Delete every queue, then every exchange named so far, newest first.
 
         Deleting what does not exist is fine (as in RabbitMQ); other failures
@@ -136,7 +137,7 @@ class PublishedMessage:
     body_size: int
     body: bytes | None = None
     properties: dict[str, Any] = field(default_factory=dict)
-    connection: Any = None
+    connection: Connection | None = None
 
     @property
     def headers(self) -> dict[str, Any]:

@@ -364,6 +364,39 @@ def test_bad_arguments_fail_before_anything_is_sent(c: Any) -> None:
     assert not c.is_open
 
 
+def test_timeout_and_retry_are_honoured_or_refused_by_name(c: Any, n: AMQPNames) -> None:
+    """Both transports check ``timeout`` and ``retry`` the same way; none is silently ignored."""
+    queue = n.queue()
+    with pytest.raises(ValueError, match="retry must be a non-negative integer"):
+        c.publish("", queue, b"x", retry=-1)
+    with pytest.raises(ValueError, match="retry= works only for synchronous publishes"):
+        c.publish("", queue, b"x", retry=2, callback=lambda p, r: None)
+    with pytest.raises(ValueError, match="timeout must be a non-negative number"):
+        c.queue_declare(queue, timeout=-1)
+    assert not c.is_open  # refused before anything was sent
+    c.queue_declare(queue, timeout=5)
+    promise = c.consume(queue, callback=lambda p, m: None, timeout=5)
+    with pytest.raises(ValueError, match="timeout must be a non-negative number"):
+        c.qos(promise, 5, timeout="soon")
+    with pytest.raises(ValueError, match="timeout must be a non-negative number"):
+        c.cancel(promise, timeout=-0.5)
+    assert c.has_consumer(promise)  # a refused cancel leaves the consumer running
+    c.qos(promise, 5, timeout=5)
+    c.cancel(promise, timeout=5)
+    assert not c.has_consumer(promise)
+    assert c.publish("", queue, b"x", retry=1, timeout=5) is None
+    assert _count(c, queue) == 1
+
+
+def test_an_operation_that_cannot_be_sent_leaves_nothing_pending(c: Any, n: AMQPNames) -> None:
+    c.close(timeout=5)
+    with pytest.raises(ConnectionError, match="was closed"):
+        c.queue_declare(n.queue(), callback=lambda p, r: None)
+    with pytest.raises(ConnectionError, match="was closed"):
+        c.queue_declare(n.queue())
+    assert c.pending == 0
+
+
 def test_mandatory_returns(c: Any, n: AMQPNames) -> None:
     exchange, queue = n.exchange(), n.queue()
     c.exchange_declare(exchange, "direct")
