@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import signals
+# cli: loads the `flask amqp` commands into the group init_app adds to every app.
+from . import cli, signals
 from .config import PoolSettings
 from .connection import PukaConnection
 from .exceptions import (
@@ -23,7 +24,7 @@ from .exceptions import (
     Unroutable,
     VhostNotAllowed,
 )
-from .extension import AMQP, AMQPState
+from .extension import AMQP, AMQPState, current_amqp
 from .lifecycle import InitialisationError, on_initialise
 from .listener import Listener
 from .message import Message
@@ -35,9 +36,11 @@ from .topology import Binding, CheckResult, Exchange, Queue, Topology
 __version__ = "0.1.0"
 
 __all__ = [
+    "cli",
     "signals",
     "AMQP",
     "AMQPState",
+    "current_amqp",
     "Pool",
     "PoolSettings",
     "RetryPolicy",

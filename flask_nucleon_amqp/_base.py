@@ -37,6 +37,7 @@ import gevent
 from gevent.event import AsyncResult, Event
 
 from . import _puka, signals
+from . import tracing as _tracing
 from .config import Node, PoolSettings
 from .exceptions import (
     AMQPError,
@@ -59,6 +60,8 @@ _EXCHANGE_TYPES = frozenset({"direct", "fanout", "topic", "headers"})
 #: Promise ids are unique in the process, so a promise names its connection too.
 _promise_ids = itertools.count(1)
 _REPLY_TO = "amq.rabbitmq.reply-to"
+#: How many of the latest confirm latencies each connection keeps for the percentiles of stats().
+CONFIRM_WINDOW = 1024
 
 
 def _emit(signal: Any, sender: Any, **kwargs: Any) -> None:
@@ -153,7 +156,13 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         self._reply_consumer: _ConsumerT | None = None
         self.stats: dict[str, Any] = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0,
                                       "failed": 0, "delivered": 0, "acked": 0, "rejected": 0,
-                                      "blocked_seconds": 0.0}
+                                      "blocked_seconds": 0.0,
+                                      # greenlets waiting right now: for a confirm, for room in the
+                                      # write buffer (or the end of a broker alarm), for a connection
+                                      "waiting_confirm": 0, "waiting_room": 0, "waiting_connection": 0}
+        #: The latest confirm latencies (seconds): a bounded window for stats()' percentiles.
+        self.confirm_latencies: deque[float] = deque(maxlen=CONFIRM_WINDOW)
+        self._lost_at = 0.0
         self._session: _SessionT | None = None
         #: How many queued callbacks may run now (a transport may hold some back: see MemoryConnection).
         self._arrived = 0
@@ -232,6 +241,7 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         if self.blocked_reason is not None:  # an alarm belongs to the connection that got it
             self._set_unblocked()
         self.stats["lost"] += 1
+        self._lost_at = time.monotonic()
         if self._closed:
             self._log.info("closed connection to %s", self.settings.safe_url(session.node))
             return False
@@ -250,7 +260,8 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             try:
                 session = self._open()
                 self.stats["recovered"] += 1
-                self._log.info("recovered connection to %s", self.settings.safe_url())
+                self._log.info("recovered connection to %s after %.3fs", self.settings.safe_url(),
+                               time.monotonic() - self._lost_at)
                 _emit(signals.connection_recovered, self, node=str(session.node))
                 return
             except (AuthenticationError, VhostNotAllowed) as exc:
@@ -286,7 +297,12 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
     def _wait_unblocked(self) -> None:
         """Backpressure: wait while the broker blocks publishers."""
         limit = self.settings.blocked_timeout
-        if not self._unblocked.wait(limit):
+        self.stats["waiting_room"] += 1
+        try:
+            unblocked = self._unblocked.wait(limit)
+        finally:
+            self.stats["waiting_room"] -= 1
+        if not unblocked:
             raise ConnectionBlocked(f"broker blocked publishing ({self.blocked_reason}) for more than "
                                     f"{limit:g}s (blocked_timeout)")
 
@@ -328,6 +344,24 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         except BaseException:
             self._end()  # never sent: nothing will call done()
             raise
+        return promise
+
+    def _in_background(self, work: Callable[[], Any], callback: Callback, what: str) -> int:
+        """The asynchronous form of an operation made of several broker round trips.
+
+        ``work()`` (the synchronous form, arguments already checked) runs in a
+        greenlet of its own; its result, or the exception it raised, goes to
+        ``callback`` like any other outcome (see :meth:`_await_or_dispatch`).
+        """
+        def start(done: Callable[[Any], None]) -> None:
+            def run() -> None:
+                try:
+                    result = work()
+                except Exception as exc:  # noqa: BLE001 - delivered to the callback, never raised
+                    result = exc
+                done(result)
+            gevent.spawn(run)
+        promise: int = self._await_or_dispatch(start, callback, None, what)
         return promise
 
     def _begin(self) -> None:
@@ -417,19 +451,26 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             raise ValueError(f"retry must be a non-negative integer, got {retry!r}")
         message = _Publish(exchange_b, routing_key_b, data, properties, mandatory,
                            {"exchange": exchange, "routing_key": routing_key})
+        if callback is not None and retry:
+            raise ValueError("retry= works only for synchronous publishes (without callback=)")
+        if _tracing.ON and (span := _tracing.start_publish(self, exchange, routing_key, properties, data)):
+            # tracing hook P1: the span (its context now in the headers) ends at the confirm or the error
+            return _tracing.publish_in_span(span, self._publish_message, message, callback, timeout, retry)
+        return self._publish_message(message, callback, timeout, retry)
+
+    basic_publish = publish
+
+    def _publish_message(self, message: _Publish, callback: Callback | None, timeout: float | None,
+                         retry: int) -> Any:
         if callback is not None:
-            if retry:
-                raise ValueError("retry= works only for synchronous publishes (without callback=)")
             return self._send_publish(message, callback, timeout)
         for attempt in range(retry):
             try:
                 return self._publish_and_wait(message, timeout)
             except ConnectionLost as exc:
                 self._log.warning("publish to %r failed (%s); retrying on a new connection (%d of %d)",
-                                  exchange, exc, attempt + 1, retry)
+                                  message.context["exchange"], exc, attempt + 1, retry)
         return self._publish_and_wait(message, timeout)
-
-    basic_publish = publish
 
     def _publish_and_wait(self, message: _Publish, timeout: float | None) -> None:
         """Send one publish and wait for its confirm; raise its error."""
@@ -445,10 +486,13 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             self.stats["failed"] += 1
             if isinstance(error, Unroutable):
                 _emit(signals.message_returned, self, error=error, **context)
+            _emit(signals.publish_failed, self, error=error, **context)
             return error
         self.stats["confirmed"] += 1
+        seconds = max(time.monotonic() - started, 1e-9)
+        self.confirm_latencies.append(seconds)
         if signals.message_confirmed.receivers:
-            _emit(signals.message_confirmed, self, seconds=max(time.monotonic() - started, 1e-9), **context)
+            _emit(signals.message_confirmed, self, seconds=seconds, **context)
         return {}
 
     # -- counting and signalling --------------------------------------------------------------------
@@ -470,6 +514,9 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
                     pass
             return
         assert consumer.callback is not None
+        if _tracing.ON:  # tracing hook D1: the callback runs in a process span
+            _tracing.process(consumer.queue, message, consumer.callback, consumer.promise, message)
+            return
         consumer.callback(consumer.promise, message)
 
     # -- settling -------------------------------------------------------------------------------------
@@ -479,6 +526,8 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         ``quiet`` settles a message the application never saw: not counted, not signalled.
         """
         self._send_settle(message, action, requeue)
+        if _tracing.processing:  # tracing hook S1: the outcome of a message in a process span
+            _tracing.settled(message, action, requeue)
         if quiet:
             return
         if action == "ack":
@@ -518,6 +567,112 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
     def has_consumer(self, promise: int) -> bool:
         """True if ``promise`` is a consumer of this connection."""
         return promise in self._consumers
+
+    # -- get, cancel, qos -------------------------------------------------------------------------
+    def get(self, queue: str, *, no_ack: bool = False, callback: Callback | None = None,
+            timeout: float | None = None) -> Any:
+        """Fetch one message with basic.get: the message, or None when the queue is empty.
+
+        With ``callback=``, return a promise at once; ``callback(promise, message or None)``
+        follows (or the exception).
+        """
+        _puka.shortstr(queue, "queue")
+        _check_timeout(timeout)
+        return self._await_or_dispatch(lambda done: self._send_get(queue, no_ack, done), callback, timeout,
+                                       f"get from {queue!r}")
+
+    basic_get = get
+
+    def _send_get(self, queue: str, no_ack: bool, done: Callable[[Any], None]) -> None:
+        """Send basic.get; ``done(message, None when empty, or the error)``."""
+        raise NotImplementedError
+
+    def cancel(self, promise: int, timeout: float | None = None, *, callback: Callback | None = None) -> Any:
+        """Stop a consumer started with ``consume(queue, callback)``; returns None.
+
+        Deliveries that arrived but were not yet handed to the callback are
+        requeued; messages the callback already has can still be acked. The
+        consumer is unregistered at once, also with ``callback=`` (which then
+        gets ``None`` once the broker confirmed, or the exception).
+        """
+        consumer = self._registered(promise)
+        _check_timeout(timeout)
+        del self._consumers[promise]
+        consumer.cancelled = True
+        if callback is None:
+            self._stop_consumer(consumer, timeout)
+            return None
+        return self._in_background(lambda: self._stop_consumer(consumer, timeout), callback, "cancel")
+
+    basic_cancel = cancel
+
+    def _stop_consumer(self, consumer: _ConsumerT, timeout: float | None) -> None:
+        """Cancel an unregistered consumer with the broker, waiting up to ``timeout``."""
+        raise NotImplementedError
+
+    def qos(self, promise: int | None = None, prefetch_count: int | None = None, timeout: float | None = None, *,
+            callback: Callback | None = None) -> Any:
+        """Change how many unacked messages one consumer may hold; returns None.
+
+        Two spellings: ``qos(promise, 10)`` (puka's), and Nucleon's / AMQP's
+        ``qos(prefetch_count=10)``, which applies to the consumer ``promise=``
+        names or, without it, to the connection's only consumer (ValueError when
+        it has none or several). RabbitMQ applies a per-consumer prefetch when a
+        consumer starts, so the consumer is subscribed again with the new limit;
+        messages it holds stay valid.
+        """
+        if prefetch_count is None:
+            raise ValueError("qos needs prefetch_count=")
+        _check_prefetch(prefetch_count)
+        _check_timeout(timeout)
+        consumer = self._registered(promise) if promise is not None else self._only_consumer()
+        if callback is None:
+            self._set_prefetch(consumer, prefetch_count, timeout)
+            return None
+        return self._in_background(lambda: self._set_prefetch(consumer, prefetch_count, timeout), callback, "qos")
+
+    def _only_consumer(self) -> _ConsumerT:
+        """The consumer ``qos(prefetch_count=...)`` without ``promise=`` means: the only one there is."""
+        mine = [c for c in self._consumers.values() if c is not self._reply_consumer]
+        if len(mine) != 1:
+            raise ValueError(f"qos(prefetch_count=...) without promise= needs exactly one consumer on {self!r}, "
+                             f"it has {len(mine)}: name one with promise=")
+        return mine[0]
+
+    def _set_prefetch(self, consumer: _ConsumerT, prefetch_count: int, timeout: float | None) -> None:
+        """Subscribe ``consumer`` again with a new prefetch count (before ending the old subscription)."""
+        raise NotImplementedError
+
+    # -- closing --------------------------------------------------------------------------------
+    def close(self, timeout: float = 10.0, *, callback: Callback | None = None) -> Any:
+        """Wait (up to ``timeout``) for pending operations and callbacks, cancel consumers, close.
+
+        With ``callback=``, return a promise at once and close in the background;
+        ``callback(promise, None)`` then runs in that background greenlet (the
+        connection's callback greenlet ends with it), or with the exception.
+        """
+        _check_timeout(timeout)
+        if callback is None:
+            self._close(timeout)
+            return None
+        promise = next(_promise_ids)
+
+        def run() -> None:
+            try:
+                self._close(timeout)
+                outcome: Any = None
+            except Exception as exc:  # noqa: BLE001 - delivered to the callback, never raised
+                outcome = exc
+            try:
+                callback(promise, outcome)
+            except Exception:  # noqa: BLE001
+                self._log.exception("AMQP callback %r raised", callback)
+
+        gevent.spawn(run)
+        return promise
+
+    def _close(self, timeout: float) -> None:
+        raise NotImplementedError
 
     # -- consuming ------------------------------------------------------------------------------
     def consume(self, queue: str, callback: MessageHandler | None = None, *,
@@ -610,11 +765,18 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
 
     # -- topology -------------------------------------------------------------------------------
     def exchange_declare(self, exchange: str, type: str = "direct", *, durable: bool = False,
-                         auto_delete: bool = False, arguments: dict[str, Any] | None = None,
+                         auto_delete: bool = False, passive: bool = False, arguments: dict[str, Any] | None = None,
                          callback: Callback | None = None, timeout: float | None = None) -> Any:
-        """Declare an exchange (idempotent; PreconditionFailed if it exists with other settings)."""
+        """Declare an exchange (idempotent; PreconditionFailed if it exists with other settings).
+
+        ``passive=True`` only checks that it exists (NotFound if not) and creates
+        nothing; the other settings are then ignored, as RabbitMQ ignores them.
+        """
         if type not in _EXCHANGE_TYPES and not (isinstance(type, str) and type.startswith("x-")):
             raise ValueError(f"type must be one of direct, fanout, topic, headers or an x- plugin type, got {type!r}")
+        if passive:
+            return self._topology("exchange_declare", {"exchange": exchange}, callback, timeout, type=type,
+                                  durable=False, auto_delete=False, arguments={}, passive=True)
         return self._topology("exchange_declare", {"exchange": exchange}, callback, timeout, type=type,
                               durable=durable, auto_delete=auto_delete, arguments=self._declare_args(arguments))
 
@@ -691,36 +853,55 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
     # -- request / reply --------------------------------------------------------------------------
     def call(self, exchange: str, routing_key: str, body: bytes | str | None = None, *,
              json: Any = _NOTHING, headers: dict[str, Any] | None = None, timeout: float | None = None,
-             **properties: Any) -> Message:
+             callback: Callback | None = None, **properties: Any) -> Any:
         """Publish a request and wait for its reply, using RabbitMQ's direct reply-to.
 
         The reply is the first message published to the request's ``reply_to``
         with its ``correlation_id``. A reply that arrives after ``timeout`` is
-        dropped.
+        dropped. With ``callback=``, return a promise at once;
+        ``callback(promise, reply)`` follows (or the exception).
 
         :raises Timeout: no reply within ``timeout``.
         :raises Unroutable: no queue took the request.
         """
+        _check_timeout(timeout)
         limit = self.settings.operation_timeout if timeout is None else timeout
-        reply_channel = self._reply_channel(limit)
         correlation_id = f"rpc-{next(_promise_ids)}"
+        props = _properties(**{**properties, "correlation_id": correlation_id, "reply_to": _REPLY_TO})
+        data = encode_body(body, json, props)
+        if headers:
+            props["headers"] = headers
+        _puka.shortstr(exchange, "exchange")
+        _puka.shortstr(routing_key, "routing_key")
+        if callback is None:
+            return self._call(exchange, routing_key, data, props, limit)
+        return self._in_background(lambda: self._call(exchange, routing_key, data, props, limit), callback, "call")
+
+    def _call(self, exchange: str, routing_key: str, data: bytes, props: dict[str, Any], limit: float) -> Message:
+        """Send one checked request and wait up to ``limit`` for its reply."""
+        reply_channel = self._reply_channel(limit)
+        correlation_id = props["correlation_id"]
         box: AsyncResult = AsyncResult()
         self._replies[correlation_id] = box
         try:
-            props = _properties(**{**properties, "correlation_id": correlation_id, "reply_to": _REPLY_TO})
-            data = encode_body(body, json, props)
-            if headers:
-                props["headers"] = headers
-            self._send_request(reply_channel, exchange, routing_key, data, props)
-            reply = box.wait(limit)
-            if reply is None and not box.ready():
-                raise Timeout(f"no reply to {exchange!r}/{routing_key!r} within {limit:g}s")
-            if isinstance(reply, BaseException):
-                raise reply
-            assert isinstance(reply, Message)
-            return reply
+            span = _tracing.start_publish(self, exchange, routing_key, props, data, "call") if _tracing.ON else None
+            if span is not None:  # tracing hook C1: the span lasts until the reply (or the error)
+                return _tracing.traced_publish(span, self._request, reply_channel, exchange, routing_key, data,
+                                               props, box, limit)
+            return self._request(reply_channel, exchange, routing_key, data, props, box, limit)
         finally:
             self._replies.pop(correlation_id, None)
+
+    def _request(self, reply_channel: int | None, exchange: str, routing_key: str, data: bytes,
+                 properties: dict[str, Any], box: AsyncResult, limit: float) -> Message:
+        self._send_request(reply_channel, exchange, routing_key, data, properties)
+        reply = box.wait(limit)
+        if reply is None and not box.ready():
+            raise Timeout(f"no reply to {exchange!r}/{routing_key!r} within {limit:g}s")
+        if isinstance(reply, BaseException):
+            raise reply
+        assert isinstance(reply, Message)
+        return reply
 
     def _reply_channel(self, timeout: float) -> int | None:
         """Start this connection's reply-to consumer if it has none; the channel a request goes on."""

@@ -475,11 +475,15 @@ class MemoryBroker:
 
     # -- exchanges --------------------------------------------------------------------------------
     def exchange_declare(self, session: _MemorySession, name: str, type: str, durable: bool, auto_delete: bool,
-                         arguments: dict[str, Any]) -> dict[str, Any]:
+                         arguments: dict[str, Any], passive: bool = False) -> dict[str, Any]:
         vhost = self._vhost(session)
         if name == "":
             raise _default_exchange_refused()
         found = self.exchanges.get(name)
+        if passive:
+            if found is None:
+                raise _not_found("exchange", name, vhost)
+            return {}
         if found is None:
             if name.startswith("amq."):
                 raise _error(403, f"ACCESS_REFUSED - exchange name '{name}' contains reserved prefix 'amq.*'")
@@ -502,6 +506,9 @@ class MemoryBroker:
         found = self.exchanges.get(name)
         if found is None:
             return {}
+        if name.startswith("amq."):
+            raise _error(403, f"ACCESS_REFUSED - deletion of system exchange '{name}' in vhost "
+                              f"'{self._vhost(session)}' not allowed")
         if if_unused and found.bindings:
             raise _error(406, f"PRECONDITION_FAILED - {_vhost_text('exchange', name, self._vhost(session))} in use")
         self._delete_exchange(found)

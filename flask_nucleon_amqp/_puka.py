@@ -18,6 +18,7 @@ drives a :class:`FixedClient`.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import time
@@ -50,6 +51,27 @@ from ._codec import (
 from .exceptions import PublishNacked
 
 log = logging.getLogger(__name__)
+#: DEBUG: one line per frame sent and received (method, channel, sizes; never contents).
+frame_log = logging.getLogger("flask_nucleon_amqp.frames")
+_METHOD_NAMES = {value: name[len("METHOD_"):].lower().replace("_", ".", 1)
+                 for name, value in vars(puka_spec).items() if name.startswith("METHOD_") and isinstance(value, int)}
+
+
+def _log_frame(direction: str, frame_type: int, channel: int, payload: Any) -> None:
+    """Log one frame's shape: the method of a method frame, the body size of a header; no contents."""
+    size = len(payload)
+    if frame_type == 0x01 and size >= 4:
+        (method_id,) = unpack_from("!I", payload, 0)
+        what = _METHOD_NAMES.get(method_id, f"method 0x{method_id:08x}")
+    elif frame_type == 0x02 and size >= 12:
+        what = f"content header (body {unpack_from('!Q', payload, 4)[0]} bytes)"
+    elif frame_type == 0x03:
+        what = "content body"
+    elif frame_type == 0x08:
+        what = "heartbeat"
+    else:
+        what = f"frame type {frame_type}"
+    frame_log.debug("%s %s on channel %d, %d bytes", direction, what, channel, size)
 
 __all__ = ["FixedClient", "ConnectionBroken", "PendingPublish", "encode_table", "shortstr", "encode_properties",
            "content_header", "publish_frames", "PROPERTY_NAMES", "DecodeError", "FRAME_MAX"]
@@ -333,6 +355,19 @@ def _bcm_basic_cancel(ct: Any, result: Any) -> None:
         puka_machine._basic_cancel(ct)
 
 
+def _connection_close(t: Any, result: Any) -> None:
+    """The broker closed the connection: puka's handler without its raw "Connection killed with {...}" ERROR (D11).
+
+    The reason reaches the caller as the error of its operation (a refused login or vhost), or the
+    log as the connection's own "connection to ... lost: <reason>" WARNING; puka's line repeated it
+    on stderr.
+    """
+    puka_exceptions.mark_frame(result)
+    t.ping(result)
+    log.debug("the broker closed the connection: %r", result)
+    t.conn._shutdown(result)
+
+
 def _apply_patches() -> None:
     puka_compat.as_str = _lenient_as_str
     puka_spec.as_str = _lenient_as_str
@@ -349,6 +384,7 @@ def _apply_patches() -> None:
     puka_machine._basic_cancel_one = _basic_cancel_one
     puka_machine._bcm_basic_cancel = _bcm_basic_cancel
     puka_machine._bcm_basic_consume_ok = _bcm_basic_consume_ok
+    puka_machine._connection_close = _connection_close
 
 
 _apply_patches()
@@ -464,6 +500,14 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         t.register(puka_spec.METHOD_CONNECTION_UNBLOCKED, self._on_connection_unblocked)
         return t
 
+    # D11: puka reads why the connect failed (SO_ERROR), then drops it: "cannot connect to ...: ".
+    def on_write_connect(self) -> None:
+        error = self.sd.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._shutdown(puka_exceptions.mark_frame(puka_spec.Frame(), ConnectionBroken(error, os.strerror(error))))
+            return
+        super().on_write_connect()
+
     def _on_connection_blocked(self, t: Any, result: Any) -> None:
         t.register(puka_spec.METHOD_CONNECTION_BLOCKED, self._on_connection_blocked)
         if self.x_on_blocked is not None:
@@ -473,6 +517,22 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         t.register(puka_spec.METHOD_CONNECTION_UNBLOCKED, self._on_connection_unblocked)
         if self.x_on_blocked is not None:
             self.x_on_blocked(False, None)
+
+    # puka 0.0.8 always sends exchange.declare with passive=False: no way to check an exchange exists.
+    def exchange_declare(self, exchange: Any, type: Any = "direct", durable: bool = False,
+                         auto_delete: bool = False, arguments: Any = None, *, passive: bool = False,
+                         callback: Any = None) -> int:
+        """puka's exchange_declare, plus ``passive=True``: check the exchange exists, create nothing."""
+        if not passive:
+            number: int = super().exchange_declare(exchange, type=type, durable=durable, auto_delete=auto_delete,
+                                                   arguments=arguments or {}, callback=callback)
+            return number
+        promise = self.promises.new(puka_machine._exchange_declare)
+        # RabbitMQ compares nothing but the name on a passive declare.
+        promise.x_frames = puka_spec.encode_exchange_declare(exchange, b"", True, False, False, False, {})
+        promise.user_callback = callback
+        promise.after_machine()
+        return int(promise.number)
 
     # D25: TLS through an SSLContext, with SNI and host name checks.
     def _wrap_socket(self, sock: socket.socket) -> ssl.SSLSocket:
@@ -536,6 +596,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
 
     x_pending = b""
     x_framing_checked = False
+    #: Whether frames are logged (frame_log at DEBUG): None until looked up, once per batch.
+    x_log_frames: bool | None = None
 
     def on_read_nohandshake(self) -> None:
         """Read and dispatch every complete frame in one pass.
@@ -559,6 +621,7 @@ class FixedClient(puka.Client):  # type: ignore[misc]
             return
         data = self.x_pending + received if self.x_pending else received
         size, offset = len(data), 0
+        debug = frame_log.isEnabledFor(logging.DEBUG)  # once per read, not per frame
         channels = self.channels.channels
         methods = puka_spec.METHODS
         largest = self.frame_max - 8
@@ -574,6 +637,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
             channel = channels.get(number)
             if channel is None and frame_type != 0x08:
                 raise ConnectionBroken(f"the broker sent a frame for channel {number}, which was never opened")
+            if debug:
+                _log_frame("received", frame_type, number, memoryview(data)[offset + 7:end])
             if frame_type == 0x01:
                 (method_id,) = unpack_from("!I", data, offset + 7)
                 decode = methods.get(method_id)
@@ -628,9 +693,14 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         if buf is None:
             raise ConnectionBroken("connection is closed")
         parts: list[Any] = []
+        debug = self.x_log_frames
+        if debug is None and frames:  # the first frames of a batch (the session's flush resets it): look once
+            debug = self.x_log_frames = frame_log.isEnabledFor(logging.DEBUG)
         for frame_type, payload in frames:
             if isinstance(payload, str):
                 payload = payload.encode("utf-8")
+            if debug:
+                _log_frame("sent", frame_type, channel_number, payload)
             header = pack("!BHI", frame_type, channel_number, len(payload))
             if len(payload) < 4096:
                 parts += (header, payload, b"\xce")

@@ -12,6 +12,7 @@ ends, every waiter of the client gets an error and the owning
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,11 @@ log = logging.getLogger("flask_nucleon_amqp.connection")
 
 _READ, _WRITE = 1, 2
 _CLIENT_PROPERTIES = {"product": "flask_nucleon_amqp", "platform": "Python/gevent"}
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why the TLS handshake failed, without OpenSSL's source location (``(_ssl.c:1006)``)."""
+    return "TLS handshake failed: " + re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc))
 
 
 class _PukaSession(_BaseSession):
@@ -125,7 +131,8 @@ class _PukaSession(_BaseSession):
             exc = VhostNotAllowed(f"broker at {where} refused the vhost: {result.get('reply_text', '')}",
                                   self.node.host, self.node.port)
         else:
-            reason = self.client.x_tls_error or result.exception
+            tls_error = self.client.x_tls_error
+            reason = _tls_failure(tls_error) if tls_error is not None else result.exception
             exc = ConnectionError(f"cannot connect to {where}: {reason}", self.node.host, self.node.port)
         if not self.ready.ready():
             self.ready.set(exc)
@@ -299,6 +306,7 @@ class _PukaSession(_BaseSession):
     def _write_some(self) -> None:
         """Write until the kernel buffer is full; then a writer greenlet waits for room."""
         client = self.client
+        client.x_log_frames = None  # frames queued from now on are a new batch: it looks up the log level
         buf = client.send_buf
         while buf:
             before = len(buf)

@@ -35,8 +35,6 @@ from ._base import (
     _REPLY_TO,
     BaseConnection,
     _BaseConsumer,
-    _check_prefetch,
-    _check_timeout,
     _promise_ids,
     _Publish,
 )
@@ -101,11 +99,17 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
     def _open(self) -> _PukaSession:
         if self._closed:
             raise ConnectionError(f"{self!r} was closed", self.settings.nodes[0].host, self.settings.nodes[0].port)
+        stats = self.stats
         if self._opening is not None:
-            result = self._opening.get()
+            stats["waiting_connection"] += 1
+            try:
+                result = self._opening.get()
+            finally:
+                stats["waiting_connection"] -= 1
             assert isinstance(result, _PukaSession)
             return result
         opening = self._opening = AsyncResult()
+        stats["waiting_connection"] += 1
         try:
             session = self._connect_any()
             self._session = session
@@ -114,6 +118,8 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             opening.set_exception(exc)
             self._opening = None
             raise
+        finally:
+            stats["waiting_connection"] -= 1
         opening.set(session)
         self._opening = None
         return session
@@ -141,25 +147,26 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
 
     def _connect_node(self, node: Node) -> _PukaSession:
         timeout = self.settings.connect_timeout
-        deadline = time.monotonic() + timeout
         if _is_ip_address(node.host):
-            return self._connect_addresses(node, [node.host], deadline)
+            return self._connect_addresses(node, [node.host])
         infos = None
         try:
             with gevent.Timeout(timeout, False):
-                infos = gevent.socket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
+                infos = _resolve(node.host, node.port)
         except OSError as exc:
             raise ConnectionError(f"cannot resolve {node.host}: {exc}", node.host, node.port) from None
         if infos is None:
             raise ConnectionError(f"cannot resolve {node.host} within {timeout:g}s", node.host, node.port)
-        return self._connect_addresses(node, list(dict.fromkeys(info[4][0] for info in infos)), deadline)
+        return self._connect_addresses(node, list(dict.fromkeys(info[4][0] for info in infos)))
 
-    def _connect_addresses(self, node: Node, addresses: list[str], deadline: float) -> _PukaSession:
+    def _connect_addresses(self, node: Node, addresses: list[str]) -> _PukaSession:
         last: ConnectionError | None = None
-        for address in addresses:  # every address of the name in turn, not only the first (D26)
+        # Every address of the name in turn, not only the first, each with a connect_timeout of its
+        # own: one silent address must not use up the time of the next (D26).
+        for address in addresses:
             session = _PukaSession(self, node, address)
             try:
-                session.start(max(0.001, deadline - time.monotonic()))
+                session.start(self.settings.connect_timeout)
             except (AuthenticationError, VhostNotAllowed):
                 raise
             except ConnectionError as exc:
@@ -267,6 +274,8 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         self._begin()
         started = time.monotonic()
         client = session.client
+        stats = self.stats
+        stats["waiting_confirm"] += 1
         try:
             if timeout is None:
                 # The session's expiry timer fails it at the deadline: no timer per publish, and
@@ -286,6 +295,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 self._published(message.context, message.data, message.properties)
                 result = box.wait(timeout)
         finally:
+            stats["waiting_confirm"] -= 1
             self._end()
         outcome = self._publish_outcome(self._publish_error(result, session, message.context), message.context,
                                         started)
@@ -307,7 +317,12 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             self._wait_unblocked()
         if not session.drained.is_set():
             limit = self.settings.operation_timeout
-            if not session.drained.wait(limit):
+            self.stats["waiting_room"] += 1
+            try:
+                drained = session.drained.wait(limit)
+            finally:
+                self.stats["waiting_room"] -= 1
+            if not drained:
                 raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s")
 
     # -- receiving ------------------------------------------------------------------------------
@@ -409,30 +424,27 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 self._cancel_one_shot(consumer, session)
             consumer.cancelled = True
 
-    def get(self, queue: str, *, no_ack: bool = False, timeout: float | None = None) -> Message | None:
-        """Fetch one message with basic.get; None when the queue is empty."""
+    def _send_get(self, queue: str, no_ack: bool, done: Callable[[Any], None]) -> None:
         queue_b = _puka.shortstr(queue, "queue")
         session = self._live_session()
-        box = AsyncResult()
-        session.client.basic_get(queue_b, no_ack=no_ack, callback=_settable(box))
-        session.schedule_flush()
-        frame = box.wait(self._limit(timeout))
-        if frame is None and not box.ready():
-            raise Timeout(f"get from {queue!r} got no answer")
-        if frame.is_error:
-            raise self._error(frame, session, queue=queue)
-        if frame.get("empty"):
-            return None
-        number = frame["promise_number"]
-        puka_promise = session.client.find_promise(number)
-        channel = puka_promise.channel if puka_promise is not None else None
-        message = Message.from_frame(frame, self, (session, channel, number, no_ack), queue=queue)
-        if not no_ack:
-            session.delivered(channel, frame["delivery_tag"])
-        self._received(message)
-        return message
 
-    basic_get = get
+        def got(number: int, frame: Any) -> None:
+            if frame.is_error:
+                done(self._error(frame, session, queue=queue))
+                return
+            if frame.get("empty"):
+                done(None)
+                return
+            puka_promise = session.client.find_promise(number)
+            channel = puka_promise.channel if puka_promise is not None else None
+            message = Message.from_frame(frame, self, (session, channel, number, no_ack), queue=queue)
+            if not no_ack:
+                session.delivered(channel, frame["delivery_tag"])
+            self._received(message)
+            done(message)
+
+        session.client.basic_get(queue_b, no_ack=no_ack, callback=got)
+        session.schedule_flush()
 
     def _send_settle(self, message: Message, action: str, requeue: bool) -> None:
         """Send ack / reject / nack for a message, on the channel it arrived on."""
@@ -455,16 +467,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             session.schedule_flush()
         client.release_get(number)
 
-    def cancel(self, promise: int, timeout: float | None = None) -> None:
-        """Stop a consumer started with ``consume(queue, callback)``.
-
-        Deliveries that arrived but were not yet handed to the callback are
-        requeued; messages the callback already has can still be acked.
-        """
-        consumer = self._registered(promise)
-        _check_timeout(timeout)
-        del self._consumers[promise]
-        consumer.cancelled = True
+    def _stop_consumer(self, consumer: _PukaConsumer, timeout: float | None) -> None:
         session = consumer.session
         if session is None or not session.usable or consumer.puka_number is None:
             return
@@ -478,20 +481,9 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         session.schedule_flush()
         self._wait(box, session, "cancel", timeout)
 
-    basic_cancel = cancel
-
-    def qos(self, promise: int, prefetch_count: int, timeout: float | None = None) -> None:
-        """Change how many unacked messages a consumer may hold.
-
-        RabbitMQ applies a per-consumer prefetch only when a consumer starts,
-        so the consumer is re-subscribed with the new limit; messages it
-        already delivered stay valid and can be acked.
-        """
-        _check_prefetch(prefetch_count)
-        _check_timeout(timeout)
-        consumer = self._registered(promise)
+    def _set_prefetch(self, consumer: _PukaConsumer, prefetch_count: int, timeout: float | None) -> None:
         if consumer.session is None:
-            raise ValueError(f"no consumer with promise {promise!r} on {self!r}")
+            raise ValueError(f"no consumer with promise {consumer.promise!r} on {self!r}")
         limit = self._limit(timeout)
         consumer.started.wait(limit)  # basic.cancel before consume-ok confuses puka (D17)
         session = consumer.session
@@ -503,7 +495,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         started = consumer.started.wait(limit)
         if started is not None or not consumer.started.ready():
             consumer.puka_number, consumer.started, consumer.prefetch_count = old
-            self._consumers[promise] = consumer
+            self._consumers[consumer.promise] = consumer
             raise started if isinstance(started, BaseException) else Timeout(
                 f"qos on {consumer.queue!r} got no answer within {limit:g}s")
         if session.usable and session.client.find_promise(old[0]) is not None:
@@ -549,8 +541,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                                str(result.get("routing_key", ""))))
 
     # -- closing --------------------------------------------------------------------------------
-    def close(self, timeout: float = 10.0) -> None:
-        """Wait (up to ``timeout``) for pending operations and callbacks, cancel consumers, close."""
+    def _close(self, timeout: float) -> None:
         if self._closed:
             return
         deadline = time.monotonic() + timeout
@@ -586,6 +577,11 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
         self._consumers.clear()
         self._dispatch_queue.clear()
         self._arrived = 0
+
+
+def _resolve(host: str, port: int) -> list[Any]:
+    """The addresses a broker's host name resolves to (getaddrinfo, cooperative)."""
+    return list(gevent.socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
 
 
 def _is_ip_address(host: str) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 
 from flask import Flask
 
-from .lifecycle import live_apps
+from .extension import live_apps, state_of
 
 __all__ = ["post_worker_init", "worker_exit"]
 
@@ -55,7 +55,7 @@ def post_worker_init(worker: Any) -> None:
     if not apps:
         log.warning("post_worker_init: no Flask app with flask_nucleon_amqp in this worker")
     for app in apps:
-        app.extensions["amqp"].initialise()
+        state_of(app).initialise()
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -70,7 +70,7 @@ def post_worker_init(worker: Any) -> None:
 
 def _cancel_listeners(apps: list[Flask]) -> None:
     for app in apps:
-        lifecycle = app.extensions["amqp"].lifecycle
+        lifecycle = state_of(app).lifecycle
         try:
             lifecycle.cancel_listeners()
         except Exception:  # noqa: BLE001 - worker_exit still stops and closes
@@ -86,4 +86,4 @@ def worker_exit(server: Any, worker: Any) -> None:
     if getattr(worker, "pid", None) != os.getpid():
         return
     for app in _apps(worker):
-        app.extensions["amqp"].close()
+        state_of(app).close()

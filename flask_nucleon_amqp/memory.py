@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from . import _puka
-from ._base import _REPLY_TO, BaseConnection, _check_prefetch, _check_timeout, _promise_ids, _Publish
+from ._base import _REPLY_TO, BaseConnection, _promise_ids, _Publish
 from ._memory_broker import (
     MemoryBroker,
     _Delivery,
@@ -307,21 +307,29 @@ class MemoryConnection(BaseConnection[_MemoryConsumer, _MemorySession]):
                 if session.alive:
                     session.broker.cancel(consumer)
 
-    def get(self, queue: str, *, no_ack: bool = False, timeout: float | None = None) -> Message | None:
-        """Fetch one message (basic.get); None when the queue is empty."""
-        _puka.shortstr(queue, "queue")
-        _check_timeout(timeout)
+    def get(self, queue: str, *, no_ack: bool = False, callback: Callback | None = None,
+            timeout: float | None = None) -> Any:
+        result = super().get(queue, no_ack=no_ack, callback=callback, timeout=timeout)
+        if callback is None:
+            self._round_trip()
+        return result
+
+    basic_get = get
+
+    def _send_get(self, queue: str, no_ack: bool, done: Callable[[Any], None]) -> None:
         session = self._live_session()
-        got = self._on_broker(session, lambda: session.broker.get(session, queue, no_ack))
-        self._round_trip()
+        try:
+            got = self._on_broker(session, lambda: session.broker.get(session, queue, no_ack))
+        except AMQPError as exc:
+            done(exc)
+            return
         if got is None:
-            return None
+            done(None)
+            return
         envelope, delivery, remaining = got
         message = self._message(envelope, None, (session, None, delivery, no_ack), remaining)
         self._received(message)
-        return message
-
-    basic_get = get
+        done(message)
 
     def _send_settle(self, message: Message, action: str, requeue: bool) -> None:
         """Settle a message with the broker it came from (for a message consumed with no_ack, refuse)."""
@@ -334,34 +342,19 @@ class MemoryConnection(BaseConnection[_MemoryConsumer, _MemorySession]):
         if delivery is not None:
             session.broker.settle(delivery, action, requeue)
 
-    def cancel(self, promise: int, timeout: float | None = None) -> None:
-        """Stop a consumer started with ``consume(queue, callback)``.
-
-        Deliveries not yet handed to the callback are requeued; messages the
-        callback already has can still be acked.
-        """
-        consumer = self._registered(promise)
-        _check_timeout(timeout)
-        del self._consumers[promise]
-        consumer.cancelled = True
+    def _stop_consumer(self, consumer: _MemoryConsumer, timeout: float | None) -> None:
         session = consumer.session
         if session.alive and session is self._session:
             session.broker.cancel(consumer)
             self._round_trip()
 
-    basic_cancel = cancel
+    def _set_prefetch(self, consumer: _MemoryConsumer, prefetch_count: int, timeout: float | None) -> None:
+        """As PukaConnection does on RabbitMQ, subscribe again with the new limit.
 
-    def qos(self, promise: int, prefetch_count: int, timeout: float | None = None) -> None:
-        """Change how many unacked messages a consumer may hold.
-
-        As PukaConnection does on RabbitMQ, the consumer is subscribed again
-        with the new limit (before the old subscription ends, so an
-        auto-delete queue stays): messages it holds stay valid, and the new
-        window starts empty.
+        The new subscription starts before the old one ends, so an auto-delete
+        queue stays: messages the consumer holds stay valid, and the new window
+        starts empty.
         """
-        _check_prefetch(prefetch_count)
-        _check_timeout(timeout)
-        consumer = self._registered(promise)
         session = self._live_session()
         consumer.prefetch_count = prefetch_count
         if consumer.session is session:
@@ -393,12 +386,8 @@ class MemoryConnection(BaseConnection[_MemoryConsumer, _MemorySession]):
             self._reply_consumer = self._consumers[promise]
 
     # -- closing --------------------------------------------------------------------------------
-    def close(self, timeout: float = 10.0) -> None:
-        """Wait (up to ``timeout``) for pending callbacks, cancel consumers, close.
-
-        Unacked messages go back to their queues and exclusive queues are
-        deleted, as when a real connection closes.
-        """
+    def _close(self, timeout: float) -> None:
+        """Unacked messages go back to their queues and exclusive queues are deleted, as on a real close."""
         if self._closed:
             return
         deadline = time.monotonic() + timeout

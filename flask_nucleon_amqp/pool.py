@@ -148,14 +148,22 @@ class Pool:
         return [self._bridge(c) for c in made]
 
     def stats(self) -> dict[str, Any]:
-        """Counters summed over the pool's connections."""
-        total: dict[str, Any] = {"size": self.settings.size, "open": 0, "pending": 0, "blocked": False}
+        """Counters summed over the pool's connections, and percentiles of the latest confirm latencies.
+
+        ``confirm_ms`` holds p50 / p90 / p99 / max in milliseconds over the last
+        (at most 1024 per connection) confirms, and how many that was (``samples``).
+        """
+        total: dict[str, Any] = {"size": self.settings.size, "open": 0, "pending": 0, "blocked": False,
+                                 "waiting_confirm": 0, "waiting_room": 0, "waiting_connection": 0}
+        latencies: list[float] = []
         for conn in [c for c in self._connections if c is not None]:
             total["open"] += conn.is_open
             total["pending"] += conn.pending
             total["blocked"] = total["blocked"] or conn.blocked
             for key, value in list(conn.stats.items()):
                 total[key] = total.get(key, 0) + value
+            latencies.extend(list(conn.confirm_latencies))  # list(): one C call, safe from another thread
+        total["confirm_ms"] = _percentiles(latencies)
         total["runtime"] = self._runtime.mode if self._runtime is not None else None
         return total
 
@@ -225,3 +233,14 @@ def _reset_pools_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_pools_in_child)
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float | int | None]:
+    """p50 / p90 / p99 / max of ``seconds``, in milliseconds (nearest rank); None without samples."""
+    ordered = sorted(seconds)
+    count = len(ordered)
+
+    def rank(fraction: float) -> float | None:
+        return round(ordered[min(count - 1, int(fraction * count))] * 1000, 3) if count else None
+
+    return {"p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99), "max": rank(1.0), "samples": count}

@@ -15,6 +15,12 @@ Conventions shared by every method:
   ``int``, unique in the process) at once, and later
   ``callback(promise, result)`` runs in the connection's callback greenlet,
   in order, with the exception as ``result`` when the operation failed.
+* Every operation has both forms, except ``ack`` / ``reject`` / ``nack``,
+  which are immediate (sent with the next write, nothing to wait for), and
+  ``consume(queue, callback)``, whose callback is the message handler: it
+  returns the consumer's promise once the broker confirmed it.
+* Argument errors (a wrong type, a bad name) are raised at the call in both
+  forms; with ``callback=``, every other error goes to the callback.
 * ``timeout`` (seconds) defaults to the pool's ``operation_timeout``; when it
   passes first, :class:`~flask_nucleon_amqp.exceptions.Timeout` is raised.
 """
@@ -22,6 +28,7 @@ Conventions shared by every method:
 from __future__ import annotations
 
 import datetime
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -48,8 +55,10 @@ class Connection(Protocol):
     #: Operations started and not yet answered.
     pending: int
     #: Counters: opened, lost, recovered, published, confirmed, failed, delivered, acked, rejected,
-    #: blocked_seconds.
+    #: blocked_seconds, and the greenlets waiting now: waiting_confirm, waiting_room, waiting_connection.
     stats: dict[str, Any]
+    #: The latest confirm latencies in seconds (a bounded window: the percentiles of ``stats()``).
+    confirm_latencies: deque[float]
     #: Called with the connection after every (re)open, before its consumers resume.
     on_open: list[Callable[[Connection], Any]]
     #: Why the broker blocks publishing, or None.
@@ -105,8 +114,8 @@ class Connection(Protocol):
 
     def call(self, exchange: str, routing_key: str, body: bytes | str | None = None, *,
              json: Any = _NOTHING, headers: dict[str, Any] | None = None, timeout: float | None = None,
-             **properties: Any) -> Message:
-        """Publish a request and wait for its reply (RabbitMQ's direct reply-to)."""
+             callback: Callback | None = None, **properties: Any) -> Any:
+        """Publish a request and wait for its reply (RabbitMQ's direct reply-to): the reply Message."""
 
     # -- receiving ---------------------------------------------------------------------------
     def consume(self, queue: str, callback: MessageHandler | None = None, *,
@@ -120,22 +129,28 @@ class Connection(Protocol):
         """Nucleon's name for :meth:`consume`."""
 
 
-    def get(self, queue: str, *, no_ack: bool = False, timeout: float | None = None) -> Message | None:
-        """Fetch one message with basic.get; None when the queue is empty."""
+    def get(self, queue: str, *, no_ack: bool = False, callback: Callback | None = None,
+            timeout: float | None = None) -> Any:
+        """Fetch one message with basic.get: the Message, or None when the queue is empty."""
 
-    def basic_get(self, queue: str, *, no_ack: bool = False, timeout: float | None = None) -> Message | None:
+    def basic_get(self, queue: str, *, no_ack: bool = False, callback: Callback | None = None,
+                  timeout: float | None = None) -> Any:
         """Nucleon's name for :meth:`get`."""
 
 
-    def cancel(self, promise: int, timeout: float | None = None) -> None:
-        """Stop a consumer; deliveries not yet handed to its callback are requeued."""
+    def cancel(self, promise: int, timeout: float | None = None, *, callback: Callback | None = None) -> Any:
+        """Stop a consumer; deliveries not yet handed to its callback are requeued. Returns None."""
 
-    def basic_cancel(self, promise: int, timeout: float | None = None) -> None:
+    def basic_cancel(self, promise: int, timeout: float | None = None, *, callback: Callback | None = None) -> Any:
         """Nucleon's name for :meth:`cancel`."""
 
 
-    def qos(self, promise: int, prefetch_count: int, timeout: float | None = None) -> None:
-        """Change how many unacked messages a consumer may hold."""
+    def qos(self, promise: int | None = None, prefetch_count: int | None = None, timeout: float | None = None, *,
+            callback: Callback | None = None) -> Any:
+        """Change how many unacked messages a consumer may hold: ``qos(promise, n)`` or ``qos(prefetch_count=n)``.
+
+        Without ``promise=``, the keyword form applies to the connection's only consumer.
+        """
 
     def has_consumer(self, promise: int) -> bool:
         """True if ``promise`` is a consumer of this connection."""
@@ -159,9 +174,12 @@ class Connection(Protocol):
 
     # -- topology ----------------------------------------------------------------------------
     def exchange_declare(self, exchange: str, type: str = "direct", *, durable: bool = False,
-                         auto_delete: bool = False, arguments: dict[str, Any] | None = None,
+                         auto_delete: bool = False, passive: bool = False, arguments: dict[str, Any] | None = None,
                          callback: Callback | None = None, timeout: float | None = None) -> Any:
-        """Declare an exchange (idempotent; PreconditionFailed if it exists with other settings)."""
+        """Declare an exchange (idempotent; PreconditionFailed if it exists with other settings).
+
+        ``passive=True`` checks that it exists (NotFound if not) and creates nothing.
+        """
 
     def exchange_delete(self, exchange: str, *, if_unused: bool = False,
                         callback: Callback | None = None, timeout: float | None = None) -> Any:
@@ -200,7 +218,7 @@ class Connection(Protocol):
         """Remove a queue binding."""
 
     # -- closing -----------------------------------------------------------------------------
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0, *, callback: Callback | None = None) -> Any:
         """Wait (up to ``timeout``) for pending work and callbacks, cancel consumers, close."""
 
     def forget(self) -> None:

@@ -1209,3 +1209,183 @@ def test_connection_loss_and_recovery(c: Any, other: Any, n: AMQPNames) -> None:
     with pytest.raises(NotFound):
         c.queue_declare(exclusive, passive=True)
     other.cancel(resumed)
+
+
+# -- every operation in both forms (issue 13) -------------------------------------------------------
+
+def _async(operation: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``operation`` with ``callback=``: a promise comes back before any outcome; return that outcome."""
+    delivered: Queue = Queue()
+    promise = operation(*args, callback=lambda p, r: delivered.put((p, r)), **kwargs)
+    assert isinstance(promise, int) and not isinstance(promise, bool)
+    assert delivered.empty()  # returned at once: the outcome comes later, in the callback greenlet
+    got, result = delivered.get(timeout=10)
+    assert got == promise
+    return result
+
+
+def test_get_sync_async_and_async_error(c: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    c.queue_declare(queue)
+    for body in (b"one", b"two"):
+        c.publish("", queue, body)
+    first = c.get(queue)
+    assert isinstance(first, Message) and first.body == b"one"
+    first.ack()
+    second = _async(c.get, queue)
+    assert isinstance(second, Message) and second.body == b"two"
+    second.ack()
+    assert c.get(queue) is None
+    assert _async(c.get, queue) is None  # empty
+    missing = _async(c.get, n.queue("absent"))
+    assert isinstance(missing, NotFound)  # delivered, not raised
+    assert c.get(queue) is None  # and the connection carries on
+    with pytest.raises(ValueError, match="queue"):
+        c.get("x" * 256, callback=lambda p, r: None)  # argument errors are raised at the call
+
+
+def test_cancel_and_qos_sync_async_and_their_errors(c: Any, other: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    c.queue_declare(queue)
+    held: list[Message] = []
+    promise = other.consume(queue, callback=lambda p, m: held.append(m), prefetch_count=1)
+    assert other.qos(promise, 2) is None  # today's spelling
+    assert _async(other.qos, prefetch_count=3) is None  # Nucleon's: the connection's only consumer
+    for i in range(10):
+        c.publish("", queue, str(i))
+    assert wait_until(lambda: len(held) == 3)
+    gevent.sleep(0.2)
+    assert len(held) == 3  # the window qos(prefetch_count=3) set
+    assert other.qos(prefetch_count=4, promise=promise) is None  # naming the consumer
+    assert wait_until(lambda: len(held) == 7)  # a new window of four
+    second = other.consume(queue, callback=lambda p, m: None, prefetch_count=1)
+    with pytest.raises(ValueError, match="promise="):
+        other.qos(prefetch_count=5, callback=lambda p, r: None)  # two consumers: which one?
+    with pytest.raises(ValueError, match="no consumer"):
+        other.qos(12345678, 5, callback=lambda p, r: None)
+    assert other.cancel(second) is None
+    assert _async(other.cancel, promise) is None
+    assert not other.has_consumer(promise)
+    with pytest.raises(ValueError, match="no consumer"):
+        other.cancel(promise, callback=lambda p, r: None)  # argument error: raised, not delivered
+    for message in held:
+        message.ack()
+    assert len(_bodies(c, queue)) == 3
+
+
+# Each topology method: (set-up, the call, the expected result, a failing call, the error it fails with).
+_TOPOLOGY: list[tuple[str, Any, Any, Any, type[Exception]]] = [
+    ("exchange_declare", lambda c, x, y, q: c.exchange_declare(x, "fanout"), {},
+     lambda c, x, y, q: c.exchange_declare(x, "topic"), PreconditionFailed),
+    ("exchange_declare passive", lambda c, x, y, q: c.exchange_declare(x, passive=True), {},
+     lambda c, x, y, q: c.exchange_declare(x + "-absent", passive=True), NotFound),
+    ("exchange_bind", lambda c, x, y, q: c.exchange_bind(y, x, "k"), {},
+     lambda c, x, y, q: c.exchange_bind(y, x + "-absent", "k"), NotFound),
+    ("exchange_unbind", lambda c, x, y, q: c.exchange_unbind(y, x, "k"), {},
+     lambda c, x, y, q: c.exchange_unbind(y, "", "k"), AccessRefused),
+    ("exchange_delete", lambda c, x, y, q: c.exchange_delete(y), {},
+     lambda c, x, y, q: c.exchange_delete("amq.direct"), AccessRefused),
+    ("queue_declare", lambda c, x, y, q: c.queue_declare(q), None,
+     lambda c, x, y, q: c.queue_declare(q + "-absent", passive=True), NotFound),
+    ("queue_bind", lambda c, x, y, q: c.queue_bind(q, x, "k"), {},
+     lambda c, x, y, q: c.queue_bind(q, x + "-absent", "k"), NotFound),
+    ("queue_unbind", lambda c, x, y, q: c.queue_unbind(q, x, "k"), {},
+     lambda c, x, y, q: c.queue_unbind(q, "", "k"), AccessRefused),
+    ("queue_purge", lambda c, x, y, q: c.queue_purge(q), {"message_count": 0},
+     lambda c, x, y, q: c.queue_purge(q + "-absent"), NotFound),
+    ("queue_delete", lambda c, x, y, q: c.queue_delete(q), {"message_count": 0},
+     lambda c, x, y, q: c.queue_delete(q, if_empty=True), PreconditionFailed),
+]
+
+
+def _with_callback(call: Any, c: Any, *names: str) -> Any:
+    """Run one of the table's calls on ``c`` with callback=, through :func:`_async`."""
+    class Async:
+        def __getattr__(self, method: str) -> Any:
+            return lambda *args, **kwargs: _async(getattr(c, method), *args, **kwargs)
+    return call(Async(), *names)
+
+
+@pytest.mark.parametrize("operation", [row[0] for row in _TOPOLOGY])
+def test_topology_sync_async_and_async_error(c: Any, n: AMQPNames, operation: str) -> None:
+    _, call, expected, failing, error = next(row for row in _TOPOLOGY if row[0] == operation)
+    names = (n.exchange("x"), n.exchange("y"), n.queue())
+
+    def set_up() -> None:
+        c.exchange_declare(names[0], "fanout")
+        c.exchange_declare(names[1], "fanout")
+        c.queue_declare(names[2])
+        c.exchange_bind(names[1], names[0], "k")
+        c.queue_bind(names[2], names[0], "k")
+
+    for form in ("sync", "async"):
+        set_up()
+        result = call(c, *names) if form == "sync" else _with_callback(call, c, *names)
+        if expected is None:  # queue_declare
+            assert result == {"queue": names[2], "message_count": 0, "consumer_count": 0}
+        else:
+            assert result == expected
+    set_up()
+    c.publish("", names[2], b"makes the queue non-empty")
+    failed = _with_callback(failing, c, *names)
+    assert isinstance(failed, error), failed  # delivered to the callback, not raised
+    with pytest.raises(error):
+        failing(c, *names)
+    assert c.queue_declare(names[2], passive=True)["queue"] == names[2]  # the connection carries on
+    c.queue_purge(names[2])
+
+
+def test_passive_exchange_declare_creates_nothing_and_fails_only_its_caller(c: Any, n: AMQPNames) -> None:
+    absent, kept = n.exchange("absent"), n.queue("kept")
+    c.queue_declare(kept)
+    others = [gevent.spawn(c.publish, "", kept, str(i)) for i in range(20)]
+    with pytest.raises(NotFound, match="absent"):
+        c.exchange_declare(absent, passive=True)
+    gevent.joinall(others, raise_error=True)  # the publishes around it are all confirmed
+    with pytest.raises(NotFound):
+        c.exchange_declare(absent, passive=True)  # still not created
+    assert _count(c, kept) == 20
+
+
+def test_call_sync_async_and_async_error(c: Any, other: Any, n: AMQPNames) -> None:
+    queue = n.queue("rpc")
+    c.queue_declare(queue)
+    server = _echo_server(other, queue)
+    assert c.call("", queue, b"sync", timeout=5).body == b"echo:sync"
+    reply = _async(c.call, "", queue, b"async", timeout=5)
+    assert isinstance(reply, Message) and reply.body == b"echo:async"
+    refused = _async(c.call, "", n.queue("nobody"), b"?", timeout=5)
+    assert isinstance(refused, Unroutable)
+    with pytest.raises(ValueError, match="priority"):
+        c.call("", queue, b"x", priority=999, callback=lambda p, r: None)
+    other.cancel(server)
+
+
+def test_publish_and_consume_sync_async_and_async_error(c: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    c.queue_declare(queue)
+    assert c.publish("", queue, b"sync") is None
+    assert _async(c.publish, "", queue, b"async") == {}
+    assert isinstance(_async(c.publish, n.exchange("absent"), "k", b"x"), NotFound)
+    message = c.consume(queue, timeout=5)
+    assert message is not None and message.body == b"sync"
+    message.ack()
+    got: Queue = Queue()
+    promise = c.consume(queue, callback=lambda p, m: got.put((p, m)))  # the handler: one call per message
+    assert isinstance(promise, int)
+    delivered_promise, delivered = got.get(timeout=10)
+    assert delivered_promise == promise and delivered.body == b"async"
+    delivered.ack()
+    c.cancel(promise)
+
+
+def test_close_sync_and_async(spare: Any) -> None:
+    first, second = spare(), spare()
+    first.ensure_open()
+    second.ensure_open()
+    assert first.close(timeout=5) is None and not first.is_open
+    closed: Queue = Queue()
+    promise = second.close(timeout=5, callback=lambda p, r: closed.put((p, r)))
+    assert isinstance(promise, int)
+    assert closed.get(timeout=10) == (promise, None)
+    assert not second.is_open

@@ -1,13 +1,154 @@
-"""The package's structure: rules that keep the layers apart, checked by reading the source (ast)."""
+"""The package's structure, checked by reading the source (ast): imports only go down the layers, there is no
+import circle, and only _puka.py touches puka's internals."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import flask_nucleon_amqp
 
-PACKAGE = Path(flask_nucleon_amqp.__file__).parent
+PACKAGE = Path(flask_nucleon_amqp.__file__).resolve().parent
+
+#: The package's modules, bottom layer first. A module may import modules of its own layer or of layers
+#: below it, never above. A new module must be placed here (the test fails for a module not listed):
+#: put it in the lowest layer whose modules it needs, or add a layer.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("exceptions",),
+    ("config", "message", "runtime", "signals", "tracing"),
+    ("_puka",),
+    ("_base", "protocol"),
+    ("connection", "_puka_session", "memory", "_memory_broker", "_memory_routing"),  # the transports
+    ("pool",),
+    ("topology", "retry"),
+    ("listener",),
+    ("lifecycle", "_cli_group"),
+    ("extension",),  # all the Flask wiring: init_app, before_request, the `flask amqp` group, app.extensions
+    ("outbox",),  # the transactional outbox: publishes through the extension's pools
+    ("cli", "gunicorn", "testing", "metrics"),
+    ("__init__",),  # the package's face: re-exports, and loads the CLI commands
+)
+
+
+def _layer_of() -> dict[str, int]:
+    return {module: index for index, layer in enumerate(LAYERS) for module in layer}
+
+
+def _modules() -> list[str]:
+    return sorted(path.stem for path in PACKAGE.glob("*.py"))
+
+
+def _imports(module: str, *, running: bool = False) -> set[str]:
+    """Package modules ``module`` imports anywhere: at the top, in functions, under ``TYPE_CHECKING``.
+
+    ``running``: only the imports that run (not those under ``if TYPE_CHECKING:``).
+    """
+    return _imports_in((PACKAGE / f"{module}.py").read_text(encoding="utf-8"), module, running=running)
+
+
+def _type_checking_only(tree: ast.Module) -> set[ast.AST]:
+    """The import nodes inside ``if TYPE_CHECKING:`` blocks."""
+    inside: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for statement in node.body:
+                inside.update(ast.walk(statement))
+    return inside
+
+
+def _imports_in(source: str, module: str, *, running: bool = False) -> set[str]:
+    tree = ast.parse(source)
+    modules = set(_modules())
+    skipped = _type_checking_only(tree) if running else set()
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if node in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == PACKAGE.name:
+                    found.add(parts[1] if len(parts) > 1 else "__init__")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and (node.module or "").split(".")[0] != PACKAGE.name:
+                continue  # another package
+            if node.level > 1:
+                raise AssertionError(f"{module}: relative import above the package: {ast.unparse(node)}")
+            parts = (node.module or "").split(".")
+            if node.level == 0:
+                parts = parts[1:]
+            if parts and parts[0]:
+                found.add(parts[0])
+            else:  # `from . import x`: x is a module, or a name of __init__
+                found.update(alias.name if alias.name in modules else "__init__" for alias in node.names)
+    found.discard(module)
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    layer_of = _layer_of()
+    unplaced = [module for module in _modules() if module not in layer_of]
+    assert not unplaced, f"place these modules in LAYERS of {Path(__file__).name}: {unplaced}"
+
+
+def test_imports_only_go_down() -> None:
+    layer_of = _layer_of()
+    upward = [f"{module} ({LAYERS[layer_of[module]]}) imports {imported} ({LAYERS[layer_of[imported]]})"
+              for module in _modules() if module in layer_of
+              for imported in sorted(_imports(module))
+              if imported in layer_of and layer_of[imported] > layer_of[module]]
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_no_import_circle() -> None:
+    """Among the imports that run; a ``TYPE_CHECKING`` back-reference (a session naming its connection's
+    class) must still not go up a layer (the test above), but is no circle."""
+    graph = {module: _imports(module, running=True) for module in _modules()}
+    circles: list[list[str]] = []
+    state: dict[str, str] = {}  # "visiting" or "done"
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = "visiting"
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if state.get(imported) == "visiting":
+                circles.append([*path[path.index(imported):], imported])
+            elif imported not in state:
+                visit(imported)
+        path.pop()
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module)
+    assert not circles, "import circles:\n" + "\n".join(" -> ".join(circle) for circle in circles)
+
+
+def test_the_readme_shows_the_layers_of_the_code() -> None:
+    """README's architecture table (layer number, modules) is LAYERS, for every module of the package."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- layers:start -->", 1)[1].split("<!-- layers:end -->", 1)[0]
+    shown: dict[str, int] = {}
+    for row in re.findall(r"^\s*\| (\d+) \| ([^|]*) \|", table, flags=re.MULTILINE):
+        shown.update((module, int(row[0])) for module in re.findall(r"`([\w.]+)`", row[1]))
+    layer_of = _layer_of()
+    assert {module: layer_of.get(module) for module in shown} == shown, "README rows whose layer is not LAYERS'"
+    missing = [module for module in _modules() if module not in shown and module != "__init__"]
+    assert not missing, f"README's architecture table lacks {missing}"
+
+
+def test_the_import_parser_sees_every_form() -> None:
+    """The checks above only mean something if the parser finds imports in every form the package uses."""
+    source = ("from . import signals, AMQP\nimport flask_nucleon_amqp.pool\nfrom flask_nucleon_amqp import cli\n"
+              "from .retry import RetryPolicy\nif TYPE_CHECKING:\n    from .extension import AMQPState\n"
+              "def f():\n    from .listener import Listener\nimport json\nfrom flask import Flask\n")
+    assert _imports_in(source, "probe") == {"signals", "__init__", "pool", "cli", "retry", "extension", "listener"}
+    assert _imports_in(source, "probe", running=True) == {"signals", "__init__", "pool", "cli", "retry", "listener"}
+
+
+# -- puka's internals stay in _puka.py ----------------------------------------------------------------
 #: The one module that may touch puka's internals (its fixes and accessors live there).
 PUKA_MODULE = "_puka.py"
 #: Names that, in this package, hold puka objects: its client, promise and channel registries.

@@ -24,6 +24,7 @@ from flask_nucleon_amqp import (
     Timeout,
     Unroutable,
 )
+from flask_nucleon_amqp import connection as connection_module
 
 from _proxy import Proxy
 from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, close_broker_connection, make_app, outcome, wait_until
@@ -727,3 +728,35 @@ def test_a_long_held_message_stops_ack_tracking_for_its_channel(names: Names) ->
     conn.cancel(promise)
     app.extensions["amqp"].close()
     _only_message_left(queue, got[0].body)
+
+
+def test_each_resolved_address_has_a_connect_timeout_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """D26: a host name resolving to a silent address and then to the broker still connects.
+
+    The silent address is a listener of this test on 127.0.0.2 that never answers; only name
+    resolution is replaced (the host name resolves to it, then to the broker's address), the
+    connections are real.
+    """
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.2", BROKER_PORT))  # the broker listens on 127.0.0.1 only
+    silent.listen(8)  # the kernel completes the TCP handshake; nobody ever speaks AMQP
+    resolved: list[str] = []
+
+    def resolve(host: str, port: int) -> list[object]:
+        resolved.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in ("127.0.0.2", BROKER_HOST)]
+
+    monkeypatch.setattr(connection_module, "_resolve", resolve)
+    app = make_app(AMQP_URL=f"amqp://guest:guest@broker.invalid:{BROKER_PORT}/?connect_timeout=3")
+    AMQP(app)
+    state: AMQPState = app.extensions["amqp"]
+    try:
+        conn = state.connection("publish")
+        started = time.monotonic()
+        conn.ensure_open()  # the silent address uses its 3 s; the broker's address gets 3 s of its own
+        assert time.monotonic() - started >= 2.9
+        assert resolved == ["broker.invalid"]
+        assert conn.queue_declare("", exclusive=True)["queue"].startswith("amq.gen-")
+    finally:
+        state.close(timeout=5)
+        silent.close()

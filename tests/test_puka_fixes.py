@@ -5,15 +5,20 @@ from __future__ import annotations
 import datetime
 import decimal
 import socket
+import subprocess
 import time
+import types
+import uuid
 
 import gevent
 import pytest
 from gevent.queue import Queue
+from puka import spec as puka_spec
+from puka import table as puka_table
 
 from flask_nucleon_amqp import AMQP, ConnectionError, PublishNacked, PukaConnection, Unroutable, _puka
 
-from conftest import BROKER_HOST, Names, make_app, wait_until
+from conftest import BROKER_HOST, BROKER_PORT, Names, make_app, wait_until
 
 
 def test_binary_bodies_round_trip_byte_exact(conn: PukaConnection, names: Names) -> None:  # D1
@@ -110,6 +115,32 @@ def test_unexpected_frames_are_dropped_not_fatal(conn: PukaConnection, names: Na
     assert conn.queue_declare(names.queue())["consumer_count"] == 0
 
 
+def test_methods_nobody_asked_for_are_dropped(conn: PukaConnection, names: Names) -> None:  # D9
+    # Two frames RabbitMQ may send unasked (after its own channel.close, or a second qos-ok):
+    # a method the promise has no handler for, and one for a channel no promise owns.
+    queue = names.queue()
+    conn.queue_declare(queue)
+    got: Queue = Queue()
+    promise = conn.consume(queue, callback=lambda p, m: got.put(m))
+    conn.queue_declare(queue, passive=True)  # its channel goes back to puka's free list, owned by no promise
+    session = conn._session
+    assert session is not None
+    client = session.client
+    busy = client.channel_number(conn._consumers[promise].puka_number)
+    free = [channel.number for channel in client.channels.free_channels if channel.number not in (0, busy)]
+    assert busy is not None and free
+    qos = puka_spec.encode_basic_qos(0, 0, False)  # answered with a basic.qos-ok on the same channel
+    client.send_frames(busy, qos)  # the consumer's promise does not expect a qos-ok now
+    client.send_frames(free[0], qos)  # nobody owns this channel
+    session.schedule_flush()
+    conn.publish("", queue, b"still here")
+    message = got.get(timeout=10)
+    assert message.body == b"still here"
+    assert conn._session is session and conn.is_open  # neither frame killed the connection
+    message.ack()
+    conn.cancel(promise)
+
+
 def test_dead_client_raises_connection_broken_not_attribute_error() -> None:  # D12
     client = _puka.FixedClient("127.0.0.1", 1, "guest", "guest", "/")
     client.sd = None
@@ -166,14 +197,75 @@ def test_property_names_in_headers_stay_headers(conn: PukaConnection, names: Nam
     message.ack()
 
 
-def test_timestamp_header_decodes_without_deprecated_calls(conn: PukaConnection, names: Names) -> None:  # D27
+class _NoUtcFromTimestamp(datetime.datetime):
+    """datetime, minus utcfromtimestamp: deprecated from Python 3.12 (a warning there), failing here on any Python."""
+
+    @classmethod
+    def utcfromtimestamp(cls, _seconds: float) -> datetime.datetime:  # type: ignore[override]
+        raise AssertionError("the deprecated datetime.utcfromtimestamp was called")
+
+
+def test_timestamp_header_decodes_without_deprecated_calls(conn: PukaConnection, names: Names,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # D27
+    # puka decodes timestamps with datetime.utcfromtimestamp, which warns only from Python 3.12:
+    # on every Python, its module sees a datetime without it, so calling it fails the test.
+    monkeypatch.setattr(puka_table, "datetime", types.SimpleNamespace(datetime=_NoUtcFromTimestamp))
     queue = names.queue()
     conn.queue_declare(queue)
     when = datetime.datetime(2030, 6, 7, 8, 9, 10)
     conn.publish("", queue, b"x", headers={"when": when})
-    message = conn.get(queue)  # pytest turns any DeprecationWarning into an error
+    message = conn.get(queue)
     assert message is not None and message.headers["when"] == when
     message.ack()
+
+
+def test_non_ascii_queue_arguments_and_client_properties(conn: PukaConnection, names: Names) -> None:  # D3
+    # puka packs a table string's len() in characters: a non-ASCII value makes a frame RabbitMQ
+    # refuses with 501 FRAME_ERROR, closing the whole connection.
+    dead_letters, queue, parked = names.exchange("échange-mort"), names.queue("file-d'attente"), names.queue("parké")
+    conn.exchange_declare(dead_letters, "fanout")
+    conn.queue_declare(parked)
+    conn.queue_bind(parked, dead_letters)
+    conn.queue_declare(queue, arguments={"x-dead-letter-exchange": dead_letters, "x-note": "ünïcode ✓"})
+    conn.publish("", queue, b"rejected")
+    message = conn.get(queue)
+    assert message is not None
+    message.reject(requeue=False)
+    dead = conn.consume(parked, timeout=10)
+    assert dead is not None and dead.body == b"rejected"
+    assert dead.headers["x-death"][0]["queue"] == queue  # RabbitMQ read the exchange name right
+    dead.ack()
+    assert conn.is_open
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+def test_non_ascii_credentials_and_vhost(names: Names) -> None:  # D4
+    # puka packs len() of str credentials and vhost: characters, not bytes. A user, password and
+    # vhost with non-ASCII characters, made for this test and removed after it.
+    tag = uuid.uuid4().hex[:8]
+    user, password, vhost = f"usér-{tag}", f"mot-de-passe-é-{tag}", f"hôte-{tag}"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("add_user", user, password)
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        app = make_app(AMQP_POOLS={"publish": {"host": BROKER_HOST, "port": BROKER_PORT, "user": user,
+                                               "password": password, "vhost": vhost}})
+        AMQP(app)
+        state = app.extensions["amqp"]
+        try:
+            conn = state.connection("publish")
+            queue = conn.queue_declare("", exclusive=True)["queue"]
+            conn.publish("", queue, b"in the vhost")
+            message = conn.get(queue)
+            assert message is not None and message.body == b"in the vhost"
+        finally:
+            state.close(timeout=5)
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=120)
+        _rabbitmqctl("delete_vhost", vhost)
 
 
 def test_garbage_from_the_peer_fails_fast_instead_of_poisoning(names: Names) -> None:  # D2, D13
