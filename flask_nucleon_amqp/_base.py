@@ -498,8 +498,8 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
                 message_id=message_id, timestamp=timestamp, type=type, app_id=app_id, user_id=user_id))
         exchange_b = _puka.shortstr(exchange, "exchange")
         routing_key_b = _puka.shortstr(routing_key, "routing_key")
-        if "headers" in properties:
-            _puka.encode_table(properties["headers"], "headers")  # raise here, naming the header (D7, D8)
+        if "headers" in properties:  # raise here, naming the header, before anything is sent (D7, D8, issue 16)
+            _puka.content_header(properties, len(data))
         if retry and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
             raise ValueError(f"retry must be a non-negative integer, got {retry!r}")
         message = _Publish(exchange_b, routing_key_b, data, properties, mandatory,
@@ -1011,8 +1011,10 @@ def _properties(**given: Any) -> dict[str, Any]:
             if isinstance(value, datetime.datetime):
                 aware = value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
                 value = int(aware.timestamp())
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            elif isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"timestamp must be a datetime or a non-negative int, got {value!r}")
+            if not 0 <= value < 2**64:  # AMQP timestamps are unsigned 64-bit seconds since 1970
+                raise ValueError(f"timestamp must be from 1970 on and below 2**64 seconds, got {given[name]!r}")
         elif name == "expiration":
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 value = str(value)

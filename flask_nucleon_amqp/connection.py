@@ -258,9 +258,13 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             value: Any = self._publish_outcome(self._publish_error(result, session, context), context, started)
             self._dispatch(callback, promise, value)
 
-        session.client.publish(message.exchange, message.routing_key, message.data, message.properties,
-                               message.mandatory, confirmed,
-                               started + (self.settings.operation_timeout if timeout is None else timeout))
+        try:
+            session.client.publish(message.exchange, message.routing_key, message.data, message.properties,
+                                   message.mandatory, confirmed,
+                                   started + (self.settings.operation_timeout if timeout is None else timeout))
+        except BaseException:  # refused before anything was queued (a broker with a smaller frame_max)
+            self._end()
+            raise
         session.queued()
         self._published(context, message.data, message.properties)
         return promise
@@ -401,7 +405,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                      frame: Any) -> None:
         """Runs in the I/O greenlet for each delivery of a consumer."""
         no_ack = consumer.no_ack and consumer.callback is not None
-        message = Message.from_frame(frame, self, (session, channel, number, no_ack))
+        message = Message.from_frame(frame, self, (session, channel, number, no_ack), queue=consumer.queue)
         if not no_ack:
             session.delivered(channel, frame["delivery_tag"])
         if consumer.callback is None:  # the one-shot consumer of a synchronous consume
@@ -446,7 +450,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 return
             puka_promise = session.client.find_promise(number)
             channel = puka_promise.channel if puka_promise is not None else None
-            message = Message.from_frame(frame, self, (session, channel, number, no_ack))
+            message = Message.from_frame(frame, self, (session, channel, number, no_ack), queue=queue)
             if not no_ack:
                 session.delivered(channel, frame["delivery_tag"])
             self._received(message)
