@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import ssl
 import time
@@ -48,7 +49,7 @@ from ._codec import (
     lenient_str,
     shortstr,
 )
-from .exceptions import PublishNacked
+from .exceptions import PublishNacked, PublishOutcomeUnknown
 
 log = logging.getLogger(__name__)
 #: DEBUG: one line per frame sent and received (method, channel, sizes; never contents).
@@ -308,11 +309,13 @@ class PendingPublish:
     puka's promise bookkeeping.
     """
 
-    __slots__ = ("callback", "deadline", "returnable")
+    __slots__ = ("callback", "deadline", "exchange", "returnable")
 
-    def __init__(self, callback: Any, deadline: float, returnable: tuple[bytes, bytes, bytes] | None = None) -> None:
+    def __init__(self, callback: Any, deadline: float, exchange: bytes,
+                 returnable: tuple[bytes, bytes, bytes] | None = None) -> None:
         self.callback = callback
         self.deadline = deadline
+        self.exchange = exchange
         #: For a mandatory publish: exchange, routing key and body, to match a basic.return with.
         self.returnable = returnable
 
@@ -320,6 +323,38 @@ class PendingPublish:
         callback, self.callback = self.callback, None
         if callback is not None:
             callback(result)
+
+
+_original_pt_channel_close = puka_machine._pt_channel_close
+_NO_EXCHANGE = re.compile(r"no exchange '(.*)' in vhost '")
+
+
+def _pt_channel_close(pt: Any, result: Any) -> None:
+    """A channel error fails the publish that caused it, not the others in flight on its channel (D23).
+
+    puka fails every in-flight publish of the channel with the broker's error,
+    including publishes already routed. Here a publish gets the broker's error
+    only when it is certainly the cause: it went to the exchange a 404 names,
+    or it was the only one in flight. Every other one gets
+    :class:`PublishOutcomeUnknown` (it may or may not have been routed).
+    puka still reopens the channel.
+    """
+    inflight = list(pt.x_async_inflight.values())
+    pt.x_async_inflight.clear()
+    _original_pt_channel_close(pt, result)
+    missing = _NO_EXCHANGE.search(str(result.get("reply_text", ""))) if result.get("reply_code") == 404 else None
+    culprit = missing.group(1).encode("utf-8") if missing else None
+    unknown: PublishOutcomeUnknown | None = None
+    for pending in inflight:
+        if pending.exchange == culprit or (culprit is None and len(inflight) == 1):
+            pending.done(result)
+            continue
+        if unknown is None:
+            unknown = PublishOutcomeUnknown(
+                f"publish outcome unknown: another publish on its channel closed it "
+                f"({result.get('reply_code')} {result.get('reply_text', '')}); the message may or may not "
+                "have been routed", pt.conn.x_server_hostname, pt.conn.port)
+        _resolve(pending, unknown)
 
 
 _original_consume_ok = puka_machine._bcm_basic_consume_ok
@@ -380,6 +415,7 @@ def _apply_patches() -> None:
     puka_promise.Promise.recv_method = _recv_method
     puka_machine._pt_channel_open_ok_puback = _pt_channel_open_ok_puback
     puka_machine._pt_basic_ack = _pt_basic_ack
+    puka_machine._pt_channel_close = _pt_channel_close
     puka_machine._pt_basic_return = _pt_basic_return
     puka_machine._basic_cancel_one = _basic_cancel_one
     puka_machine._bcm_basic_cancel = _bcm_basic_cancel
@@ -468,6 +504,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
     attach_methods: tuple[Any, list[Any]] = (machine_decorator, [])  # puka's metaclass wants this
     sd: Any
     send_buf: Any
+    #: puka's publish channel (a promise), made once the connection is open: shared beyond the per-exchange ones.
+    x_publish_promise: Any
 
     def __init__(self, host: str, port: int, user: str, password: str, vhost: str, *,
                  heartbeat: int = 0, ssl_context: ssl.SSLContext | None = None,
@@ -487,6 +525,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         self.x_on_fail: Any = None
         #: Called when the broker has nacked every publish for a while (see note_confirms).
         self.x_on_nack_streak: Any = None
+        #: The publish channel (puka promise) of each exchange published to (D23).
+        self.x_exchange_channels: dict[bytes, Any] = {}
 
     def __repr__(self) -> str:
         return f"<FixedClient {self.username}@{self.host}:{self.port}>"
@@ -753,13 +793,12 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         for promise in self.promises.all():
             if promise.to_be_released is False:
                 promise.done(result)
-        pt = getattr(self, "x_publish_promise", None)
-        if pt is not None:  # our publishes are not puka promises: fail them too
-            pending = self.pending_publishes()
+        pending = self.pending_publishes()  # our publishes are not puka promises: fail them too
+        for pt in self.publish_channels():
             pt.x_async_inflight.clear()
             pt.x_async_next = []
-            for item in pending:
-                item.done(result)
+        for item in pending:
+            item.done(result)
         sd, self.sd, self.send_buf = self.sd, None, None
         if sd is not None:
             try:
@@ -778,47 +817,70 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         """
         if self.send_buf is None:
             raise ConnectionBroken("connection is closed")
-        pt = self.x_publish_promise
+        pt = self.x_exchange_channels.get(exchange) or self._open_publish_channel(exchange)
         frames = publish_frames(exchange, routing_key, body, properties, mandatory, self.frame_max)
         delivery_tag = pt.x_delivery_tag
         pt.x_delivery_tag += 1
-        pending = PendingPublish(callback, deadline, (exchange, routing_key, body) if mandatory else None)
+        pending = PendingPublish(callback, deadline, exchange, (exchange, routing_key, body) if mandatory else None)
         pt.x_async_next.append((delivery_tag, pending, frames))
         puka_machine._pt_async_flush(pt)
 
+    #: How many exchanges get a publish channel of their own; publishes to further ones share puka's.
+    x_exchange_channel_limit = 64
+
+    def _open_publish_channel(self, exchange: bytes) -> Any:
+        """The publish channel of an exchange not published to yet: a new one, while under the limit.
+
+        A channel error a publish provokes (404 for a missing exchange, 406,
+        403) closes its whole channel: with a channel per exchange, publishes
+        to other exchanges are not in flight there (D23).
+        """
+        channels = self.x_exchange_channels
+        if len(channels) >= self.x_exchange_channel_limit:
+            return self.x_publish_promise
+        shared = self.x_publish_promise
+        puka_machine.publish_promise(self)  # a channel in confirm mode; publishes wait in x_async_next until then
+        pt, self.x_publish_promise = self.x_publish_promise, shared
+        pt.after_machine()  # a recycled channel is ready at once: puka runs its handler here
+        channels[exchange] = pt
+        return pt
+
+    def publish_channels(self) -> list[Any]:
+        """Every publish channel's puka promise: puka's own (shared) one, then one per exchange."""
+        shared = getattr(self, "x_publish_promise", None)
+        return ([] if shared is None else [shared]) + list(self.x_exchange_channels.values())
+
     def pending_publishes(self) -> list[Any]:
-        """Publishes not yet settled, oldest first."""
-        pt = getattr(self, "x_publish_promise", None)
-        if pt is None:
-            return []
-        return [*pt.x_async_inflight.values(), *(pending for _, pending, _ in pt.x_async_next)]
+        """Publishes not yet settled, oldest first on each channel."""
+        return [pending for pt in self.publish_channels()
+                for pending in (*pt.x_async_inflight.values(), *(item[1] for item in pt.x_async_next))]
 
     def fail_publishes(self, error: BaseException, now: float | None = None) -> int:
         """Fail pending publishes: all of them, or those whose deadline is before ``now``.
 
         A failed publish is forgotten: a confirm that still comes is ignored.
         """
-        pt = getattr(self, "x_publish_promise", None)
-        if pt is None:
-            return 0
         failed = 0
-        inflight = pt.x_async_inflight
-        while inflight:
-            tag = next(iter(inflight))
-            pending = inflight[tag]
-            if now is not None and pending.deadline > now:
-                break  # deadlines grow with tags (nearly always): the rest are younger
-            del inflight[tag]
-            _resolve(pending, error)
-            failed += 1
-        keep = []
-        for item in pt.x_async_next:  # not sent yet: the publish channel is (re)opening
-            if now is None or item[1].deadline <= now:
-                _resolve(item[1], error)
+        for pt in self.publish_channels():
+            inflight = pt.x_async_inflight
+            while inflight:
+                tag = next(iter(inflight))
+                pending = inflight[tag]
+                if now is not None and pending.deadline > now:
+                    break  # deadlines grow with tags (nearly always): the rest are younger
+                del inflight[tag]
+                _resolve(pending, error)
                 failed += 1
-            else:
-                keep.append(item)
-        pt.x_async_next = keep
+            if not pt.x_async_next:
+                continue
+            keep = []
+            for item in pt.x_async_next:  # not sent yet: the publish channel is (re)opening
+                if now is None or item[1].deadline <= now:
+                    _resolve(item[1], error)
+                    failed += 1
+                else:
+                    keep.append(item)
+            pt.x_async_next = keep
         return failed
 
     # -- the accessors the connection uses: nothing outside this module touches puka's internals -----

@@ -28,12 +28,16 @@ Rewrite = Callable[[int, int, bytes], bytes]
 
 
 class Proxy:
-    def __init__(self, target: tuple[str, int], rewrite: Rewrite | None = None) -> None:
+    def __init__(self, target: tuple[str, int], rewrite: Rewrite | None = None,
+                 receive_buffer: int | None = None) -> None:
+        """``receive_buffer`` caps the kernel's buffer for what clients send (so a stall holds little)."""
         self.target = target
         self.rewrite = rewrite
         self._send_lock = gevent.lock.RLock()
         self.listener = gevent.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if receive_buffer is not None:  # accepted sockets inherit it
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
         self.port: int = self.listener.getsockname()[1]
