@@ -25,6 +25,7 @@ TEST = [
     "PyMySQL>=1.1",  # MariaDB/MySQL driver for the outbox tests
     "python-dotenv>=1.0",  # `flask amqp ...` reads .flaskenv (the example app) at the root and in example_app/
     "selenium>=4.20",  # tests/test_chat_page.py drives Debian's chromium (make browser installs it)
+    "hypothesis>=6.0",  # generated tables in the codec tests
     *DOCS,  # tests/test_docs.py builds the docs
     *BUILD,  # tests/test_packaging.py builds the sdist and the wheel
     # tests/test_tracing.py: the SDK's in-memory exporter, Flask's instrumentation, and pika for interop

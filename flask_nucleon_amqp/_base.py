@@ -5,8 +5,9 @@ contract wherever it does not depend on how frames reach the broker:
 
 * argument checks and publish set-up (body, properties, headers), ``retry=``;
 * the one place an operation is either waited for or its result dispatched to a
-  ``callback=`` (:meth:`BaseConnection._await_or_dispatch`), and the callback
-  greenlet that runs user callbacks in order;
+  ``callback=`` (:meth:`BaseConnection._await_or_dispatch`), the dispatcher
+  greenlet that runs operation callbacks in order, and each consumer's own
+  greenlet for its deliveries;
 * consumer bookkeeping: the registry, one-shot consumes, broker cancels;
 * outcome counting and signals, settling and its accounting, the blocked state;
 * on_open hooks, the consumers resumed after a reopen, recovery with back-off;
@@ -88,6 +89,9 @@ class _BaseConsumer:
         self.cancelled = False
         #: Where the one-shot consumer of a synchronous consume puts its message.
         self.box: AsyncResult = AsyncResult()
+        #: Deliveries waiting for the callback, and the greenlet running it (only while there are some).
+        self.inbox: deque[Message] = deque()
+        self.worker: Any = None
 
 
 class _BaseSession:
@@ -142,7 +146,10 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         self._dispatch_queue: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._dispatch_wake = Event()
         self._dispatcher: gevent.Greenlet | None = None
-        self._callback_running = False
+        #: True while the dispatcher runs a callback: if another greenlet runs meanwhile, that callback blocks.
+        self._dispatcher_busy = False
+        #: Operation callbacks and consumer greenlets running now (close() waits for them).
+        self._callbacks_running = 0
         #: Set whenever nothing is pending and no callback waits or runs: close() waits on it.
         self._idle = Event()
         self._idle.set()
@@ -156,7 +163,7 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         self._reply_consumer: _ConsumerT | None = None
         self.stats: dict[str, Any] = {"opened": 0, "lost": 0, "recovered": 0, "published": 0, "confirmed": 0,
                                       "failed": 0, "delivered": 0, "acked": 0, "rejected": 0,
-                                      "blocked_seconds": 0.0,
+                                      "blocked_seconds": 0.0, "buffer_peak": 0,
                                       # greenlets waiting right now: for a confirm, for room in the
                                       # write buffer (or the end of a broker alarm), for a connection
                                       "waiting_confirm": 0, "waiting_room": 0, "waiting_connection": 0}
@@ -370,38 +377,84 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
 
     def _end(self) -> None:
         self.pending -= 1
-        if not self.pending and not self._dispatch_queue and not self._callback_running:
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self.pending and not self._dispatch_queue and not self._callbacks_running:
             self._idle.set()
 
     # -- callbacks ------------------------------------------------------------------------------
+    # Operation callbacks run in order in the dispatcher greenlet; each consumer's deliveries run
+    # in order in a greenlet of that consumer's own. A callback that blocks holds up only its own
+    # consumer, or (an operation callback) hands the operation queue to a fresh dispatcher: so any
+    # callback may wait for anything on its own connection.
     def _dispatch(self, function: Callable[..., Any], *args: Any) -> None:
-        """Run a user callback in this connection's callback greenlet, in order."""
+        """Run an operation callback in this connection's dispatcher greenlet, in order."""
         self._dispatch_queue.append((function, args))
         self._arrived += 1
         self._idle.clear()
-        if self._dispatcher is None:
+        self._wake_dispatcher()
+
+    def _wake_dispatcher(self) -> None:
+        """Have queued callbacks run: wake the dispatcher, or start one if there is none or it is blocked."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or (self._dispatcher_busy and gevent.getcurrent() is not dispatcher):
+            self._dispatcher_busy = False
             self._dispatcher = gevent.spawn(self._dispatch_loop)
         elif not self._dispatch_wake.is_set():
             self._dispatch_wake.set()
 
     def _dispatch_loop(self) -> None:
+        me = gevent.getcurrent()
         queue, wake = self._dispatch_queue, self._dispatch_wake
-        while True:
+        while self._dispatcher is me:
             while self._arrived > 0 and queue:
                 self._arrived -= 1
                 function, args = queue.popleft()
-                self._callback_running = True
+                self._dispatcher_busy = True
+                self._callbacks_running += 1
                 try:
                     function(*args)
                 except Exception:  # noqa: BLE001 - a failing callback must not stop the others
                     self._log.exception("AMQP callback %r raised", function)
                 finally:
-                    self._callback_running = False
+                    self._callbacks_running -= 1
+                if self._dispatcher is not me:  # it blocked, and a fresh dispatcher took the queue over
+                    self._maybe_idle()
+                    return
+                self._dispatcher_busy = False
             wake.clear()
-            if not queue and not self.pending:
-                self._idle.set()
+            self._maybe_idle()
             if not queue or not self._arrived:
                 wake.wait()
+
+    def _in_callback(self) -> bool:
+        """True in a greenlet running this connection's callbacks (waiting there for idleness never ends)."""
+        current = gevent.getcurrent()
+        return current is self._dispatcher or any(c.worker is current for c in self._consumers.values())
+
+    def _to_consumer(self, consumer: _ConsumerT, message: Message) -> None:
+        """Queue a delivery for its consumer's greenlet (started when it has none)."""
+        consumer.inbox.append(message)
+        if consumer.worker is None:
+            self._callbacks_running += 1
+            self._idle.clear()
+            consumer.worker = gevent.spawn_raw(self._consumer_loop, consumer)  # the lightest greenlet gevent has
+
+    def _consumer_loop(self, consumer: _ConsumerT) -> None:
+        """Run one consumer's callback for each of its deliveries, in order; end when there are none."""
+        inbox = consumer.inbox
+        try:
+            while inbox:
+                message = inbox.popleft()
+                try:
+                    self._deliver(consumer, message)
+                except Exception:  # noqa: BLE001 - a failing callback must not stop the others
+                    self._log.exception("AMQP callback %r raised", consumer.callback)
+        finally:
+            consumer.worker = None
+            self._callbacks_running -= 1
+            self._maybe_idle()
 
     # -- publishing -----------------------------------------------------------------------------
     def publish(self, exchange: str, routing_key: str, body: bytes | str | None = None, *,
@@ -445,8 +498,8 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
                 message_id=message_id, timestamp=timestamp, type=type, app_id=app_id, user_id=user_id))
         exchange_b = _puka.shortstr(exchange, "exchange")
         routing_key_b = _puka.shortstr(routing_key, "routing_key")
-        if "headers" in properties:
-            _puka.encode_table(properties["headers"], "headers")  # raise here, naming the header (D7, D8)
+        if "headers" in properties:  # raise here, naming the header, before anything is sent (D7, D8, issue 16)
+            _puka.content_header(properties, len(data))
         if retry and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
             raise ValueError(f"retry must be a non-negative integer, got {retry!r}")
         message = _Publish(exchange_b, routing_key_b, data, properties, mandatory,
@@ -747,7 +800,11 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             consumer.box.set(message)
             return
         self._received(message)
-        self._dispatch(self._deliver, consumer, message)
+        self._deliver_later(consumer, message)
+
+    def _deliver_later(self, consumer: _ConsumerT, message: Message) -> None:
+        """Hand a delivery to its consumer's greenlet (a transport may first hold it back a turn)."""
+        self._to_consumer(consumer, message)
 
     def _cancelled_by_broker(self, consumer: _ConsumerT) -> None:
         """The broker cancelled the consumer (its queue was deleted): unregister it, tell the app."""
@@ -954,8 +1011,10 @@ def _properties(**given: Any) -> dict[str, Any]:
             if isinstance(value, datetime.datetime):
                 aware = value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
                 value = int(aware.timestamp())
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            elif isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"timestamp must be a datetime or a non-negative int, got {value!r}")
+            if not 0 <= value < 2**64:  # AMQP timestamps are unsigned 64-bit seconds since 1970
+                raise ValueError(f"timestamp must be from 1970 on and below 2**64 seconds, got {given[name]!r}")
         elif name == "expiration":
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 value = str(value)

@@ -231,6 +231,16 @@ class _PukaSession(_BaseSession):
             self.flush_scheduled = True
             self.hub.loop.run_callback(self._flush)
 
+    def queued(self) -> None:
+        """A publish was queued: note the buffer's high-water mark, and flush once the greenlet yields."""
+        size = len(self.client.send_buf)
+        stats = self.owner.stats
+        if size > stats["buffer_peak"]:
+            stats["buffer_peak"] = size
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.hub.loop.run_callback(self._flush)
+
     def _flush(self) -> None:
         self.flush_scheduled = False
         if self.acks:

@@ -4,8 +4,9 @@ Each connection owns at most one live ``_PukaSession`` (``_puka_session.py``:
 a puka client and the greenlets that drive it). Callers hand puka a callback
 and wait on a gevent primitive; writes are flushed by one hub callback per
 batch. User callbacks
-run in a separate dispatcher greenlet, so a callback may itself make a
-blocking call on the same connection.
+run outside the I/O greenlet (operation callbacks in a dispatcher greenlet,
+each consumer's in one of its own: see ``_base.py``), so a callback may itself
+wait for anything on the same connection.
 
 When a session dies, every waiting greenlet gets :class:`ConnectionLost`.
 The next operation opens a new session (trying each configured node in
@@ -246,7 +247,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
     # -- publishing -----------------------------------------------------------------------------
     def _send_publish(self, message: _Publish, callback: Callback, timeout: float | None) -> int:
         session = self._live_session()
-        self._wait_for_room(session)
+        self._wait_for_room(session, len(message.data), timeout)
         promise = next(_promise_ids)
         self._begin()
         started = time.monotonic()
@@ -257,16 +258,20 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             value: Any = self._publish_outcome(self._publish_error(result, session, context), context, started)
             self._dispatch(callback, promise, value)
 
-        session.client.publish(message.exchange, message.routing_key, message.data, message.properties,
-                               message.mandatory, confirmed,
-                               started + (self.settings.operation_timeout if timeout is None else timeout))
-        session.schedule_flush()
+        try:
+            session.client.publish(message.exchange, message.routing_key, message.data, message.properties,
+                                   message.mandatory, confirmed,
+                                   started + (self.settings.operation_timeout if timeout is None else timeout))
+        except BaseException:  # refused before anything was queued (a broker with a smaller frame_max)
+            self._end()
+            raise
+        session.queued()
         self._published(context, message.data, message.properties)
         return promise
 
     def _publish_and_wait(self, message: _Publish, timeout: float | None) -> None:
         session = self._live_session()
-        self._wait_for_room(session)
+        self._wait_for_room(session, len(message.data), timeout)
         self._begin()
         started = time.monotonic()
         client = session.client
@@ -280,14 +285,14 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 client.publish(message.exchange, message.routing_key, message.data, message.properties,
                                message.mandatory, partial(session.hub.loop.run_callback, waiter.switch),
                                started + self.settings.operation_timeout)
-                session.schedule_flush()
+                session.queued()
                 self._published(message.context, message.data, message.properties)
                 result = waiter.get()
             else:
                 box = AsyncResult()
                 client.publish(message.exchange, message.routing_key, message.data, message.properties,
                                message.mandatory, box.set, started + timeout)
-                session.schedule_flush()
+                session.queued()
                 self._published(message.context, message.data, message.properties)
                 result = box.wait(timeout)
         finally:
@@ -307,19 +312,31 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             return self._error(result, session, **context)
         return None
 
-    def _wait_for_room(self, session: _PukaSession) -> None:
-        """Backpressure: wait while the broker blocks us or our write buffer is full."""
+    def _wait_for_room(self, session: _PukaSession, size: int, timeout: float | None) -> None:
+        """Backpressure: wait while the broker blocks us, or while ``size`` more bytes would overfill the buffer.
+
+        The buffer then holds at most ``max_buffer`` bytes, however many greenlets publish
+        (a single larger message goes out alone). Nothing is queued before there is room,
+        so a publisher that times out here has sent nothing.
+        """
         if self.blocked_reason is not None:
             self._wait_unblocked()
-        if not session.drained.is_set():
-            limit = self.settings.operation_timeout
-            self.stats["waiting_room"] += 1
-            try:
-                drained = session.drained.wait(limit)
-            finally:
-                self.stats["waiting_room"] -= 1
-            if not drained:
-                raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s")
+        buffered = session.client.send_buf
+        if buffered is None or not buffered or len(buffered) + size <= self.settings.max_buffer:
+            return
+        limit = self._limit(timeout)
+        deadline = time.monotonic() + limit
+        self.stats["waiting_room"] += 1
+        try:
+            while True:
+                session.drained.clear()
+                if not session.drained.wait(max(0.0, deadline - time.monotonic())):
+                    raise Timeout(f"write buffer of {self!r} stayed full for {limit:g}s; the message was not sent")
+                buffered = session.client.send_buf
+                if buffered is None or not buffered or len(buffered) + size <= self.settings.max_buffer:
+                    return
+        finally:
+            self.stats["waiting_room"] -= 1
 
     # -- receiving ------------------------------------------------------------------------------
     def _new_consumer(self, promise: int, queue: str, callback: MessageHandler | None, prefetch_count: int,
@@ -388,7 +405,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                      frame: Any) -> None:
         """Runs in the I/O greenlet for each delivery of a consumer."""
         no_ack = consumer.no_ack and consumer.callback is not None
-        message = Message.from_frame(frame, self, (session, channel, number, no_ack))
+        message = Message.from_frame(frame, self, (session, channel, number, no_ack), queue=consumer.queue)
         if not no_ack:
             session.delivered(channel, frame["delivery_tag"])
         if consumer.callback is None:  # the one-shot consumer of a synchronous consume
@@ -433,7 +450,7 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 return
             puka_promise = session.client.find_promise(number)
             channel = puka_promise.channel if puka_promise is not None else None
-            message = Message.from_frame(frame, self, (session, channel, number, no_ack))
+            message = Message.from_frame(frame, self, (session, channel, number, no_ack), queue=queue)
             if not no_ack:
                 session.delivered(channel, frame["delivery_tag"])
             self._received(message)
@@ -469,13 +486,25 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
             return
         limit = self._limit(timeout)
         started = consumer.started.wait(limit)  # basic.cancel before consume-ok confuses puka (D17)
-        if (not session.usable or isinstance(started, BaseException) or not consumer.started.ready()
+        if not consumer.started.ready():
+            # Cancel it once the broker confirms it: else its deliveries would be requeued for ever.
+            consumer.started.rawlink(lambda _started: self._cancel_subscription(consumer))
+            return
+        if (not session.usable or isinstance(started, BaseException)
                 or session.client.find_promise(consumer.puka_number) is None):
             return
         box = AsyncResult()
         session.client.basic_cancel(consumer.puka_number, callback=_settable(box))
         session.schedule_flush()
         self._wait(box, session, "cancel", timeout)
+
+    def _cancel_subscription(self, consumer: _PukaConsumer) -> None:
+        """Send basic.cancel for a consumer's subscription, without waiting (it was confirmed late)."""
+        session = consumer.session
+        if (session is not None and session.usable and consumer.started.get() is None
+                and session.client.find_promise(consumer.puka_number) is not None):
+            session.client.basic_cancel(consumer.puka_number, callback=lambda _number, _result: None)
+            session.schedule_flush()
 
     def _set_prefetch(self, consumer: _PukaConsumer, prefetch_count: int, timeout: float | None) -> None:
         if consumer.session is None:

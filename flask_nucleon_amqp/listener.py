@@ -450,6 +450,9 @@ class Listener:
                       failed=self.stats["failed"] != failed)
 
     def _handle_message(self, conn: Connection, promise: int, message: Message) -> None:
+        if message.decode_error is not None:
+            self._undecodable(conn, message)
+            return
         if self.options.retry is not None:
             _retry.restore_route(message)
         try:
@@ -481,10 +484,12 @@ class Listener:
             return
         if policy is None:
             if self.options.on_error == "requeue":
+                _tracing.outcome(message, "requeued")  # tracing hook L4: settled after its span ended
                 self._log_failure(where, f"message requeued in {REQUEUE_DELAY:g}s", exc)
                 self._hold_then_requeue(message)
             else:
-                _tracing.outcome(message, "dead-lettered")  # tracing hook L4
+                if self.options.on_error == "dead-letter":
+                    _tracing.outcome(message, "dead-lettered")  # tracing hook L4
                 self._log_failure(where, "message rejected (dead-lettered if the queue has a dead-letter exchange)",
                                   exc)
                 self._settle(message, "reject", requeue=False)
@@ -508,6 +513,38 @@ class Listener:
             return
         _tracing.outcome(message, "retried" if reason is None else "dead-lettered")  # tracing hook L5
         self._settle(message, "ack")  # only once the broker has confirmed the copy
+
+    def _undecodable(self, conn: Connection, message: Message) -> None:
+        """A delivery whose headers could not be decoded (already logged as a warning).
+
+        It is not given to the callback, which would see it without its
+        headers, and never requeued, which would bring it back forever:
+        whatever ``on_error`` says, it is rejected without requeue (the broker
+        dead-letters it when the queue has a dead-letter exchange); with
+        ``retry=...`` it goes straight to the dead-letter queue.
+        """
+        self.stats["failed"] += 1
+        policy = self.options.retry
+        if policy is None:
+            log.info("listener on %r: delivery %s not given to %s (undecodable); rejected without requeue "
+                     "(dead-lettered if the queue has a dead-letter exchange)", self.queue, message.delivery_tag,
+                     callback_name(self.callback))
+            self._settle(message, "reject", requeue=False)
+            return
+        target = _retry.dead_queue_name(self.queue)
+        try:
+            _retry.republish(self._publisher(conn), message, target, 0,
+                             f"undecodable headers: {message.decode_error}"[:_retry.MAX_REASON_LENGTH])
+        except Exception as error:  # noqa: BLE001 - whatever failed, the message must not be lost
+            pause = min(policy.delay, MAX_BACKOFF)
+            log.error("listener on %r: could not send undecodable delivery %s to %r (%s); requeueing it in %gs",
+                      self.queue, message.delivery_tag, target, error, pause)
+            self._stopping.wait(pause)
+            self._settle(message, "reject", requeue=True)
+            return
+        log.info("listener on %r: delivery %s not given to %s (undecodable); sent to %r", self.queue,
+                 message.delivery_tag, callback_name(self.callback), target)
+        self._settle(message, "ack")
 
     def _log_failure(self, where: str, outcome: str, exc: Exception) -> None:
         """The traceback of an error once; the same error again as one line with its repeat count."""

@@ -208,13 +208,14 @@ class MemoryConnection(BaseConnection[_MemoryConsumer, _MemorySession]):
     def _arrive(self) -> None:
         """Runs in the hub: what was queued so far may now run (what callbacks queue meanwhile waits)."""
         self._arrived = len(self._dispatch_queue)
-        if self._dispatcher is None:
-            self._dispatcher = gevent.spawn(self._dispatch_loop)
-        else:
-            self._dispatch_wake.set()
+        self._wake_dispatcher()
+
+    def _deliver_later(self, consumer: _MemoryConsumer, message: Message) -> None:
+        """A delivery arrives a turn later, as from a real broker, in order with the callbacks."""
+        self._dispatch(self._to_consumer, consumer, message)
 
     def _wait_idle(self, deadline: float) -> None:
-        if gevent.getcurrent() is self._dispatcher:
+        if self._in_callback():
             return
         while not self._idle.is_set() and self._idle.wait(max(0.0, deadline - time.monotonic())):
             pass

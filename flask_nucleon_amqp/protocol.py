@@ -13,8 +13,9 @@ Conventions shared by every method:
   :class:`~flask_nucleon_amqp.exceptions.AMQPError`.
 * **Asynchronous** with ``callback=``: the call returns a promise id (an
   ``int``, unique in the process) at once, and later
-  ``callback(promise, result)`` runs in the connection's callback greenlet,
-  in order, with the exception as ``result`` when the operation failed.
+  ``callback(promise, result)`` runs in the connection's dispatcher greenlet,
+  in order, with the exception as ``result`` when the operation failed; a
+  consumer's deliveries run in order in a greenlet of that consumer's own.
 * Every operation has both forms, except ``ack`` / ``reject`` / ``nack``,
   which are immediate (sent with the next write, nothing to wait for), and
   ``consume(queue, callback)``, whose callback is the message handler: it

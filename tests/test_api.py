@@ -437,6 +437,56 @@ def test_publish_errors(c: Any, other: Any, n: AMQPNames) -> None:
     assert _bodies(c, queue) == [b"still fine"]
 
 
+def test_a_publish_to_a_missing_exchange_fails_alone(c: Any, n: AMQPNames) -> None:
+    """400 concurrent good publishes and one to a missing exchange on one connection: only that one fails."""
+    queue, missing = n.queue(), n.exchange("absent")
+    c.queue_declare(queue)
+    outcomes: dict[int, Any] = {}
+
+    def publish(i: int) -> None:
+        try:
+            c.publish(missing if i == 200 else "", queue, str(i))
+            outcomes[i] = "confirmed"
+        except Exception as exc:  # noqa: BLE001 - the test looks at every outcome
+            outcomes[i] = exc
+
+    gevent.joinall([gevent.spawn(publish, i) for i in range(401)], timeout=60)
+    assert isinstance(outcomes.pop(200), NotFound)
+    assert outcomes == {i: "confirmed" for i in range(401) if i != 200}
+    assert sorted(_bodies(c, queue)) == sorted(str(i).encode() for i in range(401) if i != 200)
+
+
+def test_one_bad_publish_in_a_batch_fails_alone(c: Any, n: AMQPNames) -> None:
+    queue, missing = n.queue(), n.exchange("absent")
+    c.queue_declare(queue)
+    results: Queue = Queue()
+    for exchange, body in [("", b"g1"), (missing, b"bad"), ("", b"g2"), ("", b"g3")]:
+        c.publish(exchange, queue, body, callback=lambda _p, result, body=body: results.put((body, result)))
+    outcomes = dict(results.get(timeout=10) for _ in range(4))
+    assert isinstance(outcomes.pop(b"bad"), NotFound)
+    assert outcomes == {b"g1": {}, b"g2": {}, b"g3": {}}
+    assert _bodies(c, queue) == [b"g1", b"g2", b"g3"]
+
+
+def test_a_mismatched_redeclare_fails_alone(c: Any, n: AMQPNames) -> None:
+    """A 406 one caller provokes (a topology operation has a channel of its own) fails no one else."""
+    queue, durable = n.queue(), n.queue("durable")
+    c.queue_declare(queue)
+    c.queue_declare(durable, durable=True)
+    results: Queue = Queue()
+    steps: list[tuple[str, Any]] = [("p1", lambda cb: c.publish("", queue, b"p1", callback=cb)),
+                                    ("bad", lambda cb: c.queue_declare(durable, callback=cb)),
+                                    ("q", lambda cb: c.queue_declare(queue, callback=cb)),
+                                    ("p2", lambda cb: c.publish("", queue, b"p2", callback=cb))]
+    for label, start in steps:
+        start(lambda _p, result, label=label: results.put((label, result)))
+    outcomes = dict(results.get(timeout=10) for _ in steps)
+    assert isinstance(outcomes.pop("bad"), PreconditionFailed)
+    assert outcomes["q"]["queue"] == queue
+    assert (outcomes["p1"], outcomes["p2"]) == ({}, {})
+    assert _bodies(c, queue) == [b"p1", b"p2"]
+
+
 def test_async_results_arrive_in_order(c: Any, n: AMQPNames) -> None:
     queue = n.queue()
     c.queue_declare(queue)
@@ -818,6 +868,78 @@ def test_deleting_a_queue_cancels_its_consumers(c: Any, other: Any, n: AMQPNames
     got[0].ack()  # acking a message of a deleted queue is harmless
     c.queue_declare(queue)
     assert c.queue_declare(queue, passive=True)["consumer_count"] == 0
+
+
+def test_a_blocked_consumer_callback_holds_up_only_its_own_consumer(c: Any, n: AMQPNames) -> None:
+    slow_queue, fast_queue = n.queue("slow"), n.queue("fast")
+    c.queue_declare(slow_queue)
+    c.queue_declare(fast_queue)
+    gate, slow_seen, fast_seen = Event(), [], []
+
+    def slow(_promise: int, message: Message) -> None:
+        slow_seen.append(message.body)
+        gate.wait(5)  # blocks (as a sleep or a slow call would) until the test has seen the rest flow
+        message.ack()
+
+    def fast(_promise: int, message: Message) -> None:
+        fast_seen.append(message.body)
+        message.ack()
+
+    slow_promise = c.consume(slow_queue, callback=slow)
+    fast_promise = c.consume(fast_queue, callback=fast)
+    for i in range(3):
+        c.publish("", slow_queue, f"s{i}")
+    assert wait_until(lambda: slow_seen == [b"s0"])
+    confirms: Queue = Queue()
+    for i in range(50):
+        c.publish("", fast_queue, f"f{i}", callback=lambda _p, result: confirms.put(result))
+    assert [confirms.get(timeout=5) for _ in range(50)] == [{}] * 50  # confirm callbacks keep flowing
+    assert wait_until(lambda: len(fast_seen) == 50, timeout=5)
+    assert not gate.is_set() and slow_seen == [b"s0"]  # all that while the slow callback was still blocked
+    assert fast_seen == [f"f{i}".encode() for i in range(50)]
+    gate.set()
+    assert wait_until(lambda: slow_seen == [b"s0", b"s1", b"s2"])  # its own deliveries stay in order
+    c.cancel(slow_promise)
+    c.cancel(fast_promise)
+
+
+def test_a_consumer_callback_can_wait_for_its_own_async_publish(c: Any, n: AMQPNames) -> None:
+    source, target = n.queue("src"), n.queue("dst")
+    c.queue_declare(source)
+    c.queue_declare(target)
+    outcomes: Queue = Queue()
+
+    def forward(_promise: int, message: Message) -> None:
+        confirmed: Queue = Queue()
+        c.publish("", target, message.body, callback=lambda _p, result: confirmed.put(result))
+        try:
+            outcomes.put(confirmed.get(timeout=5))  # that callback must run while this one waits
+        except Exception as exc:  # noqa: BLE001
+            outcomes.put(exc)
+        message.ack()
+
+    promise = c.consume(source, callback=forward)
+    c.publish("", source, b"ping")
+    assert outcomes.get(timeout=10) == {}
+    c.cancel(promise)
+    assert _bodies(c, target) == [b"ping"]
+
+
+def test_an_operation_callback_can_wait_for_another_ones(c: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    outcomes: Queue = Queue()
+
+    def declared(_promise: int, result: Any) -> None:
+        confirmed: Queue = Queue()
+        c.publish("", result["queue"], b"x", callback=lambda _p, outcome: confirmed.put(outcome))
+        try:
+            outcomes.put(confirmed.get(timeout=5))  # queued behind this callback: another greenlet runs it
+        except Exception as exc:  # noqa: BLE001
+            outcomes.put(exc)
+
+    c.queue_declare(queue, callback=declared)
+    assert outcomes.get(timeout=10) == {}
+    assert _bodies(c, queue) == [b"x"]
 
 
 def test_callback_can_block_on_its_own_connection(c: Any, n: AMQPNames) -> None:

@@ -16,7 +16,7 @@ PACKAGE = Path(flask_nucleon_amqp.__file__).resolve().parent
 #: put it in the lowest layer whose modules it needs, or add a layer.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("exceptions",),
-    ("config", "message", "runtime", "signals", "tracing"),
+    ("config", "message", "runtime", "signals", "tracing", "_codec"),
     ("_puka",),
     ("_base", "protocol"),
     ("connection", "_puka_session", "memory", "_memory_broker", "_memory_routing"),  # the transports

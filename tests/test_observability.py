@@ -67,15 +67,20 @@ def test_stats_and_metrics_show_greenlets_waiting_and_buffered_bytes(app: Flask,
         publishers = [gevent.spawn(outcome, state.publish, "", queue, b"x") for _ in range(5)]
         assert wait_until(lambda: waiting("confirm") == (5, 5.0), timeout=10), waiting("confirm")
         confirms = []
-        for _ in range(32):  # 8 MiB: more than the kernel takes, so the write buffer fills past max_buffer
-            state.publish("", queue, b"b" * 262144, callback=lambda promise, result: confirms.append(result))
+
+        def fill() -> None:  # 8 MiB: more than the kernel takes; this async loop then waits for room
+            for _ in range(32):
+                state.publish("", queue, b"b" * 262144, callback=lambda promise, result: confirms.append(result))
+
+        filling = gevent.spawn(fill)
         assert wait_until(lambda: (registry.get_sample_value("amqp_send_buffer_bytes", {"pool": "publish"})
-                                   or 0) > 65536, timeout=10)
+                                   or 0) > 65536 and waiting("room") == (1, 1.0), timeout=10), waiting("room")
         blocked = gevent.spawn(outcome, state.publish, "", queue, b"after")
-        assert wait_until(lambda: waiting("room") == (1, 1.0), timeout=10), waiting("room")
+        assert wait_until(lambda: waiting("room") == (2, 2.0), timeout=10), waiting("room")
         gevent.sleep(0.3)  # the five publishes wait at least that long for their confirm
         proxy.resume()
         assert [g.get(timeout=60) for g in publishers] == [None] * 5 and blocked.get(timeout=60) is None
+        filling.get(timeout=60)
         assert wait_until(lambda: len(confirms) == 32, timeout=60) and confirms == [{}] * 32
         assert [waiting(what) for what in ("confirm", "room", "connection")] == [(0, 0.0)] * 3
         assert registry.get_sample_value("amqp_send_buffer_bytes", {"pool": "publish"}) == 0

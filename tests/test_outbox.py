@@ -381,7 +381,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     from flask_nucleon_amqp import ConfigError
 
     for key, value in [("AMQP_OUTBOX_BATCH", 0), ("AMQP_OUTBOX_RELAY", "yes"), ("AMQP_OUTBOX_BACKOFF", -1),
-                       ("AMQP_OUTBOX_POOL", "nope"), ("AMQP_OUTBOX_BATCHES", 5)]:
+                       ("AMQP_OUTBOX_POOL", "nope")]:
         db = SQLAlchemy()
         app = make_app(SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/c.db", **{key: value})
         db.init_app(app)
@@ -389,6 +389,10 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=key):
             Outbox(db, table_name="outbox_config").init_app(app)
         app.extensions["amqp"].close(timeout=1)
+    # An unknown AMQP_OUTBOX_* key is refused with every other unknown AMQP_* key, by AMQP's init_app.
+    app = make_app(SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/c.db", AMQP_OUTBOX_BATCHES=5)
+    with pytest.raises(ConfigError, match="AMQP_OUTBOX_BATCHES: unknown configuration key"):
+        AMQP(app)
 
 
 # == The documentation's sample (docs/outbox.rst) and the example app ==========================================

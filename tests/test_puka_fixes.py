@@ -16,7 +16,17 @@ from gevent.queue import Queue
 from puka import spec as puka_spec
 from puka import table as puka_table
 
-from flask_nucleon_amqp import AMQP, ConnectionError, PublishNacked, PukaConnection, Unroutable, _puka
+from flask_nucleon_amqp import (
+    AMQP,
+    ConnectionError,
+    NotFound,
+    PublishNacked,
+    PublishOutcomeUnknown,
+    PukaConnection,
+    Unroutable,
+    _codec,
+    _puka,
+)
 
 from conftest import BROKER_HOST, BROKER_PORT, Names, make_app, wait_until
 
@@ -165,6 +175,28 @@ def test_body_framing_uses_views_of_the_body() -> None:  # D16
     assert sum(len(payload) for _, payload in frames) == len(body)
 
 
+def test_a_shared_publish_channel_fails_the_others_as_outcome_unknown(
+        conn: PukaConnection, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:  # D23
+    """Beyond the per-exchange channels, exchanges share one: a 404 there is not the others' NotFound."""
+    monkeypatch.setattr(_puka.FixedClient, "x_exchange_channel_limit", 0)
+    queue, missing = names.queue(), names.exchange("absent")
+    conn.queue_declare(queue)
+    results: Queue = Queue()
+    batch = [("", b"g1"), (missing, b"bad"), ("", b"g2"), ("", b"g3")]
+    for exchange, body in batch:
+        conn.publish(exchange, queue, body, callback=lambda _p, result, body=body: results.put((body, result)))
+    outcomes = dict(results.get(timeout=10) for _ in batch)
+    assert isinstance(outcomes.pop(b"bad"), NotFound)
+    assert all(result == {} or isinstance(result, PublishOutcomeUnknown) for result in outcomes.values()), outcomes
+    assert any(isinstance(result, PublishOutcomeUnknown) for result in outcomes.values())  # g2, g3 were in flight
+    confirmed = {body for body, result in outcomes.items() if result == {}}
+    held = []
+    while (message := conn.get(queue, no_ack=True)) is not None:
+        held.append(message.body)
+    assert confirmed <= set(held) and len(held) == len(set(held))
+    conn.publish("", queue, b"after")  # the shared channel was reopened
+
+
 def test_cancel_right_after_consume_and_qos(conn: PukaConnection, names: Names) -> None:  # D17
     queue = names.queue()
     conn.queue_declare(queue)
@@ -214,6 +246,9 @@ def test_timestamp_header_decodes_without_deprecated_calls(conn: PukaConnection,
     conn.queue_declare(queue)
     when = datetime.datetime(2030, 6, 7, 8, 9, 10)
     conn.publish("", queue, b"x", headers={"when": when})
+    # Our codec decodes the headers now (puka's decoder is not on the delivery path): it must not call it either.
+    monkeypatch.setattr(_codec, "datetime", types.SimpleNamespace(
+        datetime=_NoUtcFromTimestamp, timedelta=datetime.timedelta, timezone=datetime.timezone, date=datetime.date))
     message = conn.get(queue)
     assert message is not None and message.headers["when"] == when
     message.ack()
