@@ -38,7 +38,8 @@ Replies: when the callback **returns** a value other than None and the
 message has ``reply_to`` (a request made with :meth:`PukaConnection.call`, or
 any RPC client), the value is published as the reply, to the default exchange
 with ``routing_key=reply_to`` and the request's ``correlation_id``: bytes and
-str as the body, anything else as JSON. The reply is confirmed before the
+str as the body, anything else as JSON (return ``b""`` for an empty reply:
+None means "no reply"). The reply is confirmed before the
 request is acked; a reply that cannot be published counts as a failure of the
 callback. It is not ``mandatory``: a caller that gave up has no reply queue
 any more, and its reply is dropped, as RabbitMQ does for direct reply-to.

@@ -24,6 +24,24 @@ production: every synchronous call yields to the hub once, and, as with
 :class:`~flask_nucleon_amqp.connection.PukaConnection`, ``callback=``
 results and deliveries run in the connection's callback greenlet, in order,
 one turn of the hub's loop after they happened.
+
+A test can also do what a network or an operator does, through
+:func:`broker` (``broker("NAME")`` is the broker ``memory://NAME`` names):
+:meth:`MemoryBroker.disconnect` (a broker restart, or one connection cut),
+:meth:`MemoryBroker.block` and ``unblock()`` (a resource alarm), and
+:meth:`MemoryBroker.message_count`.
+
+What it does not do: one vhost per name (the configured vhost is ignored); no
+users or permissions (logins always succeed), no TLS, and no heartbeats or
+timeouts other than ``call()``'s and ``blocked_timeout``; no persistence
+(``durable`` and ``persistent`` are only compared or kept) and no clustering;
+no plugins (an ``x-...`` exchange type closes the connection with 503, as on a
+RabbitMQ without that plugin); classic queue semantics only
+(``x-queue-type: quorum`` behaves as a classic queue, without
+``x-delivery-limit``; streams are refused; tuning arguments such as
+``x-queue-mode`` are accepted and ignored); no ``x-last-death-*`` headers
+(RabbitMQ 3.13); no internal exchanges and no exchange arguments other than
+``alternate-exchange``; flow control only through :meth:`MemoryBroker.block`.
 """
 
 from __future__ import annotations

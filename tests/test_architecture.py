@@ -126,17 +126,18 @@ def test_no_import_circle() -> None:
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(circle) for circle in circles)
 
 
-def test_the_readme_shows_the_layers_of_the_code() -> None:
-    """README's architecture table (layer number, modules) is LAYERS, for every module of the package."""
-    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
-    table = readme.split("<!-- layers:start -->", 1)[1].split("<!-- layers:end -->", 1)[0]
+def test_the_architecture_page_shows_the_layers_of_the_code() -> None:
+    """docs/architecture.rst's import-layers table (layer number, modules) is LAYERS, for every module."""
+    page = (PACKAGE.parent / "docs" / "architecture.rst").read_text(encoding="utf-8")
+    table = page.split("Import layers\n", 1)[1].split("\n---", 1)[0]  # that section
     shown: dict[str, int] = {}
-    for row in re.findall(r"^\s*\| (\d+) \| ([^|]*) \|", table, flags=re.MULTILINE):
-        shown.update((module, int(row[0])) for module in re.findall(r"`([\w.]+)`", row[1]))
+    for number, modules in re.findall(r"^   \* - (\d+)\n     - (.*)$", table, flags=re.MULTILINE):
+        shown.update((module, int(number)) for module in re.findall(r"``([\w.]+)``", modules))
+    assert shown, "no rows found in the import-layers table"
     layer_of = _layer_of()
-    assert {module: layer_of.get(module) for module in shown} == shown, "README rows whose layer is not LAYERS'"
+    assert {module: layer_of.get(module) for module in shown} == shown, "table rows whose layer is not LAYERS'"
     missing = [module for module in _modules() if module not in shown and module != "__init__"]
-    assert not missing, f"README's architecture table lacks {missing}"
+    assert not missing, f"docs/architecture.rst's import-layers table lacks {missing}"
 
 
 def test_the_import_parser_sees_every_form() -> None:

@@ -192,15 +192,3 @@ def test_app_cfg_example_agrees_with_the_config_table() -> None:
         assert index is not None, f"app.cfg.example does not show the pool key {key!r}"
         assert re.sub(r"^[#\s]+", "", lines[index - 1]) == f"{setting.doc} (default {setting.default_text})", \
             f"app.cfg.example: the comment above pool key {key!r}"
-
-
-def _markdown_rows(table: dict[str, Setting]) -> str:
-    return "".join(f"| `{key}` | {f'`{s.default_text}`' if s.shown_default is None else s.shown_default} "
-                   f"| {s.doc} |\n" for key, s in table.items())
-
-
-def test_readme_config_tables_match_the_config_module() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for marker, table in (("app-keys", APP_SETTINGS), ("pool-keys", POOL_SETTINGS)):
-        shown = readme.split(f"<!-- {marker}:start -->\n", 1)[1].split(f"<!-- {marker}:end -->", 1)[0]
-        assert shown == _markdown_rows(table), f"README's {marker} table differs from flask_nucleon_amqp.config"
