@@ -130,8 +130,13 @@ def test_methods_nobody_asked_for_are_dropped(conn: PukaConnection, names: Names
     # a method the promise has no handler for, and one for a channel no promise owns.
     queue = names.queue()
     conn.queue_declare(queue)
+    # The default exchange's publish channel opens now, not later from the free list (taking the channel below).
+    conn.publish("", queue, b"first")
     got: Queue = Queue()
     promise = conn.consume(queue, callback=lambda p, m: got.put(m))
+    first = got.get(timeout=10)
+    assert first.body == b"first"
+    first.ack()
     conn.queue_declare(queue, passive=True)  # its channel goes back to puka's free list, owned by no promise
     session = conn._session
     assert session is not None
