@@ -12,14 +12,27 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "flask_nucleon_amqp" / 
 LINT = ["ruff==0.17.6", "mypy==2.4.1"]  # pinned: lint results must not move under us
 DOCS = ["sphinx>=7.2"]
 BUILD = ["build>=1.0"]
+#: The transactional outbox (flask_nucleon_amqp.outbox).
+SQLALCHEMY = ["SQLAlchemy>=2.0", "Flask-SQLAlchemy>=3.1"]
 TEST = [
     "pytest>=7",
     "pytest-flask>=1.3",
     "pytest-timeout>=2.1",
     "gunicorn>=21",
     "prometheus_client>=0.17",
+    *SQLALCHEMY,  # tests/test_outbox.py
+    "psycopg[binary]>=3.1",  # PostgreSQL driver for the outbox tests
+    "PyMySQL>=1.1",  # MariaDB/MySQL driver for the outbox tests
+    "python-dotenv>=1.0",  # `flask amqp ...` reads .flaskenv (the example app) at the root and in example_app/
+    "selenium>=4.20",  # tests/test_chat_page.py drives Debian's chromium (make browser installs it)
+    "hypothesis>=6.0",  # generated tables in the codec tests
     *DOCS,  # tests/test_docs.py builds the docs
     *BUILD,  # tests/test_packaging.py builds the sdist and the wheel
+    # tests/test_tracing.py: the SDK's in-memory exporter, Flask's instrumentation, and pika for interop
+    "opentelemetry-api>=1.27",
+    "opentelemetry-sdk>=1.27",
+    "opentelemetry-instrumentation-flask>=0.48b0",
+    "pika>=1.3",
 ]
 
 setup(
@@ -43,6 +56,8 @@ setup(
     extras_require={
         "test": TEST,
         "prometheus": ["prometheus_client>=0.17"],
+        "sqlalchemy": SQLALCHEMY,
+        "otel": ["opentelemetry-api>=1.27"],
         "bench": ["pika>=1.3", "kombu>=5.3"],
         "lint": LINT,
         "docs": DOCS,
@@ -67,6 +82,7 @@ setup(
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",
         "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
         "Topic :: Internet :: WWW/HTTP :: WSGI",
         "Topic :: System :: Networking",
         "Typing :: Typed",

@@ -340,6 +340,20 @@ def load_ext(path):
     return _EXT["mod"]
 
 
+def _trace_with_sdk(mod):
+    """--otel: trace every publish and delivery with the OpenTelemetry SDK (batched, spans dropped)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    mod.tracing.use_tracer_provider(provider)
+
+
 @contextlib.contextmanager
 def ext_session(ctx, what):
     """Flask app + AMQP extension, an app context, and a gevent.Timeout."""
@@ -350,6 +364,8 @@ def ext_session(ctx, what):
     app.config["AMQP_URL"] = ctx.url
     app.config["AMQP_POOLS"] = {k: dict(v) for k, v in EXT_POOLS.items()}
     amqp = mod.AMQP(app)
+    if os.environ.get("BENCH_OTEL"):
+        _trace_with_sdk(mod)
     try:
         with app.app_context():
             with gevent.Timeout(ctx.timeout, BenchTimeout("%s: no result after %.0f s"
@@ -358,7 +374,7 @@ def ext_session(ctx, what):
     finally:
         try:
             with gevent.Timeout(30, BenchTimeout("amqp.close() took more than 30 s")):
-                amqp.close()
+                amqp.state.close()
         except BaseException as err:  # noqa: B036 - report, never mask the result
             if isinstance(err, KeyboardInterrupt):
                 raise
@@ -1277,7 +1293,11 @@ def main(argv=None):
     p.add_argument("--patch-ext", action="store_true", help="run the ext workers under "
                    "gevent.monkey.patch_all(), as under gunicorn -k gevent (default: unpatched)")
     p.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
+    p.add_argument("--otel", action="store_true", help="ext traces with the OpenTelemetry SDK "
+                   "(spans batched and dropped): the cost of tracing")
     args = p.parse_args(argv)
+    if args.otel:
+        os.environ["BENCH_OTEL"] = "1"  # the workers inherit it
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         p.error("--rounds must be >= 1")

@@ -8,7 +8,14 @@
   ``chat.inbox.<user>``. A message it cannot read is dead-lettered to ``chat.dead``.
 * ``GET /users/<user>/messages`` returns the messages received since the last
   call (it drains the inbox).
+* ``POST /messages/logged`` (same body) saves the message in the chat log
+  (SQLite, ``SQLALCHEMY_DATABASE_URI``) and publishes it through the
+  transactional outbox, in the same transaction: published after the commit,
+  never if it rolls back (see flask_nucleon_amqp.outbox).
 * ``GET /healthz``: the broker answers and this process's listeners consume.
+* ``GET /``: the chat room as a page (page.py): pick a user, send, and see the
+  inbox live (``GET /users/<user>/events``, Server-Sent Events) and the health.
+  ``GET /api`` lists the JSON endpoints.
 
 Run it with ``make run``: ``flask amqp declare``, then gunicorn with two gevent
 workers (see gunicorn.conf.py). ``flask --app app run`` works too: under a
@@ -23,11 +30,31 @@ import os
 import time
 from typing import Any
 
+import sqlalchemy as sa
 from flask import Flask, abort, current_app, jsonify, request
+from flask_sqlalchemy import SQLAlchemy
 
 from flask_nucleon_amqp import AMQP, Binding, Exchange, Message, PukaConnection, Queue
+from flask_nucleon_amqp.outbox import Outbox
+
+if __package__:  # example_app.app (flask --app example_app ..., from the repository root)
+    from .page import page
+else:  # app, from inside example_app/ (gunicorn wsgi:app, flask --app app ...)
+    from page import page  # type: ignore[no-redef]
 
 amqp = AMQP()
+db = SQLAlchemy()
+outbox = Outbox(db)  # its table, amqp_outbox, joins db.metadata: db.create_all() creates it
+
+#: Every message posted to /messages/logged, kept in the database.
+chat_log = db.Table(
+    "chat_log",
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("sender", sa.String(64), nullable=False),
+    sa.Column("recipient", sa.String(64), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=False),
+)
 
 
 def listener_queue(user: str) -> str:
@@ -65,7 +92,7 @@ def start_listeners() -> None:
 def deliver(user: str, connection: PukaConnection, promise: int, message: Message) -> None:
     """Move one room message into the user's inbox: publish (confirmed), then ack."""
     entry = message.json()  # a body that is not JSON raises: the message is dead-lettered
-    entry.update(to=user, delivered_by=os.getpid(), delivered_at=time.time())
+    entry.update(to=user, via=message.routing_key, delivered_by=os.getpid(), delivered_at=time.time())
     connection.publish("", inbox_queue(user), json=entry, persistent=True)
     connection.ack(message)  # as in Nucleon; returning without it would ack too
 
@@ -76,13 +103,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.from_pyfile("app.cfg")
     app.config.from_envvar("CHAT_SETTINGS", silent=True)
     app.config.update(config or {})
+    db.init_app(app)
     amqp.init_app(app)
+    outbox.init_app(app)
     app.amqp.topology.add(*chat_topology(app))  # type: ignore[attr-defined]
+    with app.app_context():
+        db.create_all()  # the chat log and the outbox table (an Alembic migration in a real app)
 
-    @app.get("/")
+    app.register_blueprint(page)  # GET / (the chat page) and GET /users/<user>/events (its live stream)
+
+    @app.get("/api")
     def index() -> Any:
-        return jsonify(room=app.config["CHAT_ROOM"], users=app.config["CHAT_USERS"],
-                       post="/messages", inbox="/users/<user>/messages", health="/healthz")
+        return jsonify(room=app.config["CHAT_ROOM"], users=app.config["CHAT_USERS"], page="/",
+                       post="/messages", inbox="/users/<user>/messages", events="/users/<user>/events",
+                       health="/healthz")
 
     @app.post("/messages")
     def post_message() -> Any:
@@ -94,6 +128,21 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         current_app.amqp.publish(current_app.config["CHAT_ROOM"], to, json={
             "from": sender, "text": text, "sent_at": time.time()}, persistent=True)
         return jsonify(published=True, to=to), 202
+
+    @app.post("/messages/logged")
+    def post_logged_message() -> Any:
+        data = request.get_json(silent=True) or {}
+        users = current_app.config["CHAT_USERS"]
+        sender, to, text = data.get("from"), data.get("to"), data.get("text")
+        if sender not in users or (to not in users and to != "all") or not isinstance(text, str):
+            return jsonify(error=f"need from (one of {users}), to (a user or 'all') and text"), 400
+        sent_at = time.time()
+        log_id = db.session.execute(chat_log.insert().values(
+            sender=sender, recipient=to, text=text, sent_at=sent_at)).inserted_primary_key[0]
+        outbox.publish(current_app.config["CHAT_ROOM"], to, json={
+            "from": sender, "text": text, "sent_at": sent_at, "log_id": log_id}, persistent=True)
+        db.session.commit()  # the row and the message, or neither; published right after this
+        return jsonify(published=True, to=to, log_id=log_id), 202
 
     @app.get("/users/<user>/messages")
     def received(user: str) -> Any:

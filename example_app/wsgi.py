@@ -8,6 +8,11 @@ from gevent import monkey
 
 monkey.patch_all()
 
-from app import create_app  # noqa: E402
+# gunicorn imports this file as the top-level module `wsgi` (from inside example_app/); `flask amqp ...`
+# run there finds it too, but imports it as `example_app.wsgi`, where `app` is a sibling module.
+if __package__:
+    from .app import create_app
+else:
+    from app import create_app  # type: ignore[no-redef]
 
 app = create_app()

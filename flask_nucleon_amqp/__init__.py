@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import signals
+# cli: loads the `flask amqp` commands into the group init_app adds to every app.
+from . import cli, signals
 from .config import PoolSettings
 from .connection import PukaConnection
 from .exceptions import (
@@ -18,29 +19,34 @@ from .exceptions import (
     NotFound,
     PreconditionFailed,
     PublishNacked,
+    PublishOutcomeUnknown,
     ResourceLocked,
     Timeout,
     Unroutable,
     VhostNotAllowed,
 )
-from .extension import AMQP, AMQPState
+from .extension import AMQP, AMQPState, current_amqp
 from .lifecycle import InitialisationError, on_initialise
 from .listener import Listener
 from .message import Message
 from .pool import Pool
+from .protocol import Connection
 from .retry import RetryPolicy
 from .topology import Binding, CheckResult, Exchange, Queue, Topology
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "cli",
     "signals",
     "AMQP",
     "AMQPState",
+    "current_amqp",
     "Pool",
     "PoolSettings",
     "RetryPolicy",
     "CheckResult",
+    "Connection",
     "PukaConnection",
     "Message",
     "on_initialise",
@@ -63,6 +69,7 @@ __all__ = [
     "PreconditionFailed",
     "Unroutable",
     "PublishNacked",
+    "PublishOutcomeUnknown",
     "Timeout",
     "ConnectionBlocked",
     "MessageStateError",

@@ -6,20 +6,25 @@ module globals, applied once on import. Each fix names the defect it mends
 (numbering of the project's puka notes: D1 ... D27) and has a test in
 ``tests/test_puka_fixes.py``.
 
+Field tables and properties are encoded and decoded by :mod:`._codec`
+(installed here in place of puka's ``table``/``spec`` functions): a delivery
+whose properties cannot be decoded costs that message only, while frames that
+break the protocol end the connection with a reason.
+
 Nothing here does I/O of its own or knows about gevent: :mod:`.connection`
 drives a :class:`FixedClient`.
 """
 
 from __future__ import annotations
 
-import calendar
-import datetime
-import decimal
 import logging
+import os
+import re
 import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 from struct import pack, unpack_from
 from typing import Any
@@ -34,122 +39,63 @@ from puka import spec as puka_spec
 from puka import table as puka_table
 from puka.client import machine_decorator
 
-from .exceptions import PublishNacked
+from ._codec import (
+    PROPERTY_NAMES,
+    DecodeError,
+    decode_properties,
+    decode_table,
+    encode_properties,
+    encode_table,
+    lenient_str,
+    shortstr,
+)
+from .exceptions import PublishNacked, PublishOutcomeUnknown
 
 log = logging.getLogger(__name__)
+#: DEBUG: one line per frame sent and received (method, channel, sizes; never contents).
+frame_log = logging.getLogger("flask_nucleon_amqp.frames")
+_METHOD_NAMES = {value: name[len("METHOD_"):].lower().replace("_", ".", 1)
+                 for name, value in vars(puka_spec).items() if name.startswith("METHOD_") and isinstance(value, int)}
+
+
+def _log_frame(direction: str, frame_type: int, channel: int, payload: Any) -> None:
+    """Log one frame's shape: the method of a method frame, the body size of a header; no contents."""
+    size = len(payload)
+    if frame_type == 0x01 and size >= 4:
+        (method_id,) = unpack_from("!I", payload, 0)
+        what = _METHOD_NAMES.get(method_id, f"method 0x{method_id:08x}")
+    elif frame_type == 0x02 and size >= 12:
+        what = f"content header (body {unpack_from('!Q', payload, 4)[0]} bytes)"
+    elif frame_type == 0x03:
+        what = "content body"
+    elif frame_type == 0x08:
+        what = "heartbeat"
+    else:
+        what = f"frame type {frame_type}"
+    frame_log.debug("%s %s on channel %d, %d bytes", direction, what, channel, size)
 
 __all__ = ["FixedClient", "ConnectionBroken", "PendingPublish", "encode_table", "shortstr", "encode_properties",
-           "publish_frames", "PROPERTY_NAMES"]
+           "content_header", "publish_frames", "PROPERTY_NAMES", "DecodeError", "FRAME_MAX"]
 
 ConnectionBroken = puka_exceptions.ConnectionBroken
 
 
 # --- Strings and tables --------------------------------------------------------------------
 
-
-def shortstr(value: Any, name: str) -> bytes:
-    """Encode an AMQP short string (names, routing keys, string properties) as UTF-8.
-
-    puka packs ``len()`` of a str, which counts characters, not bytes (D4);
-    handing it bytes makes its lengths right.
-    """
-    if isinstance(value, str):
-        data = value.encode("utf-8")
-    elif isinstance(value, (bytes, bytearray)):
-        data = bytes(value)
-    else:
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if len(data) > 255:
-        raise ValueError(f"{name} is {len(data)} bytes long; AMQP allows at most 255")
-    return data
+#: The largest frame puka asks for; the broker may tune it lower (see ``client.frame_max``).
+FRAME_MAX = puka.connection.Connection.frame_max
 
 
 def _lenient_as_str(obj: Any) -> Any:
     """Decode received bytes as UTF-8, keeping them as bytes when they are not (D5)."""
     if isinstance(obj, (bytes, bytearray, memoryview)):
-        try:
-            return bytes(obj).decode("utf-8")
-        except UnicodeDecodeError:
-            return bytes(obj)
+        return lenient_str(bytes(obj))
     return obj
 
 
-_INT32 = (-(2**31), 2**31 - 1)
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-def _encode_value(parts: list[bytes], value: Any, where: str) -> None:
-    if value is None:
-        parts.append(b"V")
-    elif isinstance(value, str):
-        data = value.encode("utf-8")
-        parts.append(pack(">cI", b"S", len(data)))
-        parts.append(data)
-    elif isinstance(value, (bytes, bytearray)):
-        parts.append(pack(">cI", b"S", len(value)))
-        parts.append(bytes(value))
-    elif isinstance(value, bool):
-        parts.append(b"t\x01" if value else b"t\x00")
-    elif isinstance(value, int):
-        if _INT32[0] <= value <= _INT32[1]:
-            parts.append(pack(">ci", b"I", value))
-        elif _INT64[0] <= value <= _INT64[1]:
-            parts.append(pack(">cq", b"l", value))
-        else:
-            raise ValueError(f"{where}: integer {value} does not fit in 64 bits")
-    elif isinstance(value, float):
-        parts.append(pack(">cd", b"d", value))
-    elif isinstance(value, decimal.Decimal):
-        sign, digits, exponent = value.as_tuple()
-        if not isinstance(exponent, int):
-            raise ValueError(f"{where}: {value} is not a finite decimal")
-        places = max(0, -exponent)
-        raw = int(value.scaleb(places))
-        if places > 255 or not _INT32[0] <= raw <= _INT32[1]:
-            raise ValueError(f"{where}: decimal {value} does not fit AMQP's 32-bit decimal")
-        parts.append(pack(">cBi", b"D", places, raw))
-    elif isinstance(value, datetime.datetime):
-        seconds = calendar.timegm(value.utctimetuple())
-        parts.append(pack(">cQ", b"T", seconds))
-    elif isinstance(value, dict):
-        parts.append(b"F")
-        parts.append(encode_table(value, where))
-    elif isinstance(value, (list, tuple)):
-        items: list[bytes] = []
-        for i, item in enumerate(value):
-            _encode_value(items, item, f"{where}[{i}]")
-        data = b"".join(items)
-        parts.append(pack(">cI", b"A", len(data)))
-        parts.append(data)
-    else:
-        raise TypeError(f"{where}: cannot send a value of type {type(value).__name__} in an AMQP table")
-
-
-def encode_table(table: dict[Any, Any] | None, where: str = "table") -> bytes:
-    """Encode a field table with byte lengths (D3), naming the offending key on error."""
-    if not table:
-        return b"\x00\x00\x00\x00"
-    parts: list[bytes] = []
-    for key, value in table.items():
-        name = shortstr(key, f"{where} key {key!r}")
-        parts.append(pack("B", len(name)))
-        parts.append(name)
-        _encode_value(parts, value, f"{where}[{key!r}]")
-    data = b"".join(parts)
-    return pack(">I", len(data)) + data
-
-
-_original_decode_value = puka_table.decode_value
-
-
-def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
-    """Decode timestamps without the deprecated ``utcfromtimestamp`` (D27)."""
-    if encoded[offset] == 0x54:  # b"T"
-        (seconds,) = unpack_from(">Q", encoded, offset + 1)
-        value = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(tzinfo=None)
-        return value, offset + 9
-    decoded: tuple[Any, int] = _original_decode_value(encoded, offset)
-    return decoded
+def _decode_table(encoded: bytes, offset: int) -> tuple[dict[Any, Any], int]:
+    """puka's ``table.decode``, replaced: every field type, bounded nesting, clear errors (issue 16)."""
+    return decode_table(encoded, offset)
 
 
 def _encode_connection_start_ok(client_properties: Any, mechanism: Any, response: Any, locale: Any) -> Any:
@@ -166,50 +112,20 @@ def _encode_connection_start_ok(client_properties: Any, mechanism: Any, response
 
 # --- Publishing ----------------------------------------------------------------------------
 
-#: Basic properties in wire order, with their flag bit and kind. ``type`` is
-#: puka's ``type_``.
-_PROPERTIES: tuple[tuple[str, int, str], ...] = (
-    ("content_type", 0x8000, "s"),
-    ("content_encoding", 0x4000, "s"),
-    ("headers", 0x2000, "F"),
-    ("delivery_mode", 0x1000, "B"),
-    ("priority", 0x0800, "B"),
-    ("correlation_id", 0x0400, "s"),
-    ("reply_to", 0x0200, "s"),
-    ("expiration", 0x0100, "s"),
-    ("message_id", 0x0080, "s"),
-    ("timestamp", 0x0040, "Q"),
-    ("type", 0x0020, "s"),
-    ("user_id", 0x0010, "s"),
-    ("app_id", 0x0008, "s"),
-    ("cluster_id", 0x0004, "s"),
-)
-PROPERTY_NAMES = frozenset(name for name, _, _ in _PROPERTIES)
 _METHOD_BASIC_PUBLISH = pack("!IH", puka_spec.METHOD_BASIC_PUBLISH, 0)
 
 
-def encode_properties(properties: dict[str, Any], body_size: int) -> bytes:
-    """Encode a content header frame payload; raises before anything is queued (D7)."""
-    if not properties:
-        return pack("!HHQH", 60, 0, body_size, 0)
-    flags = 0
-    parts: list[bytes] = []
-    for name, flag, kind in _PROPERTIES:
-        value = properties.get(name)
-        if value is None:
-            continue
-        flags |= flag
-        if kind == "s":
-            data = shortstr(value, name)
-            parts.append(pack("B", len(data)))
-            parts.append(data)
-        elif kind == "F":
-            parts.append(encode_table(value, "headers"))
-        elif kind == "B":
-            parts.append(pack("B", value))
-        else:
-            parts.append(pack("!Q", value))
-    return pack("!HHQH", 60, 0, body_size, flags) + b"".join(parts)
+def content_header(properties: dict[str, Any], body_size: int, frame_max: int = FRAME_MAX) -> bytes:
+    """Encode a content header and check that it fits one frame, before anything is queued.
+
+    The broker closes the whole connection (501 FRAME_ERROR) on a content
+    header larger than its frame_max; refusing the one publish is better.
+    """
+    header = encode_properties(properties, body_size)
+    if len(header) + 8 > frame_max:
+        raise ValueError(f"headers: the message's properties and headers take {len(header) - 14} bytes encoded; "
+                         f"with frame_max {frame_max} at most {frame_max - 22} fit (send large values in the body)")
+    return header
 
 
 def publish_frames(exchange: bytes, routing_key: bytes, body: bytes, properties: dict[str, Any],
@@ -218,7 +134,7 @@ def publish_frames(exchange: bytes, routing_key: bytes, body: bytes, properties:
     frames: list[tuple[int, Any]] = [
         (0x01, b"".join((_METHOD_BASIC_PUBLISH, pack("B", len(exchange)), exchange,
                          pack("B", len(routing_key)), routing_key, b"\x01" if mandatory else b"\x00"))),
-        (0x02, encode_properties(properties, len(body))),
+        (0x02, content_header(properties, len(body), frame_max)),
     ]
     frames.extend(_body_frames(body, frame_max))
     return frames
@@ -242,6 +158,8 @@ def _inbound_body(self: Any, body_chunk: bytes) -> Any:
     self.body_len += len(body_chunk)
     if self.body_len == self.body_size:
         result = self.method_frame
+        if result is None:
+            raise ConnectionBroken(f"content without a method frame on channel {self.number}")
         props = self.props
         chunks = self.body_chunks
         result["body"] = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -249,6 +167,8 @@ def _inbound_body(self: Any, body_chunk: bytes) -> Any:
         result["properties"] = props
         self._clear_inbound_state()
         return self._handle_inbound(result)
+    if self.body_len > self.body_size:
+        raise ConnectionBroken(f"body frames on channel {self.number} are longer than their content header said")
     return None
 
 
@@ -286,9 +206,10 @@ _original_open_ok_puback = puka_machine._pt_channel_open_ok_puback
 
 
 def _pt_channel_open_ok_puback(pt: Any, _result: Any = None) -> None:
-    """Also listen for basic.nack on the publish channel (D6)."""
+    """Also listen for basic.nack on the publish channel (D6); returns held for the old channel are void."""
     _original_open_ok_puback(pt, _result)
     pt.register(puka_spec.METHOD_BASIC_NACK, _pt_basic_nack)
+    pt.x_returns = []
 
 
 def _settle_publishes(pt: Any, result: Any, failure: BaseException | None) -> None:
@@ -299,6 +220,9 @@ def _settle_publishes(pt: Any, result: Any, failure: BaseException | None) -> No
     """
     tag = result["delivery_tag"] + pt.x_delivery_tag_shift
     inflight = pt.x_async_inflight
+    if pt.x_returns:
+        _settle_with_returns(pt, tag, result["multiple"], failure)
+        return
     settled = 0
     if result["multiple"]:
         while inflight and next(iter(inflight)) <= tag:
@@ -308,6 +232,56 @@ def _settle_publishes(pt: Any, result: Any, failure: BaseException | None) -> No
         _resolve(inflight.pop(tag), failure)
         settled = 1
     pt.conn.note_confirms(settled, failure is None)
+
+
+def _pt_basic_return(pt: Any, result: Any) -> None:
+    """Hold a basic.return until the confirm of its message, where it is matched (issue 16).
+
+    puka matched returns to publishes with an ``x-puka-delivery-tag`` header
+    that every consumer then saw. RabbitMQ sends a message's basic.return
+    before the basic.ack that covers it, and returns in publish order; so the
+    held returns belong, in order, to mandatory publishes among those the next
+    ack settles: each is matched to the first such publish with the same
+    exchange, routing key and body (an earlier mandatory publish in the same
+    ack was routed, and is only confirmed late).
+    """
+    pt.register(puka_spec.METHOD_BASIC_RETURN, _pt_basic_return)
+    pt.x_returns.append(result)
+
+
+def _settle_with_returns(pt: Any, tag: int, multiple: bool, failure: BaseException | None) -> None:
+    inflight = pt.x_async_inflight
+    returns = pt.x_returns
+    if multiple:
+        tags = []
+        for key in inflight:
+            if key > tag:
+                break
+            tags.append(key)
+    else:
+        tags = [tag] if tag in inflight else []
+    for key in tags:
+        pending = inflight.pop(key)
+        if returns and pending.returnable is not None and _is_return_of(returns[0], pending.returnable):
+            returned = returns.pop(0)
+            puka_exceptions.mark_frame(returned)
+            pending.done(returned)
+        else:
+            _resolve(pending, failure)
+    if returns:  # of publishes no longer waited for (timed out): nothing to tell
+        log.debug("dropped %d basic.return(s) of publishes nobody waits for", len(returns))
+        returns.clear()
+    pt.conn.note_confirms(len(tags), failure is None)
+
+
+def _is_return_of(returned: Any, sent: tuple[bytes, bytes, bytes]) -> bool:
+    exchange, routing_key, body = sent
+    return bool(returned.get("body") == body and _wire_str(returned.get("exchange")) == exchange
+                and _wire_str(returned.get("routing_key")) == routing_key)
+
+
+def _wire_str(value: Any) -> Any:
+    return value.encode("utf-8") if isinstance(value, str) else value
 
 
 def _resolve(pending: Any, failure: BaseException | None) -> None:
@@ -335,16 +309,52 @@ class PendingPublish:
     puka's promise bookkeeping.
     """
 
-    __slots__ = ("callback", "deadline")
+    __slots__ = ("callback", "deadline", "exchange", "returnable")
 
-    def __init__(self, callback: Any, deadline: float) -> None:
+    def __init__(self, callback: Any, deadline: float, exchange: bytes,
+                 returnable: tuple[bytes, bytes, bytes] | None = None) -> None:
         self.callback = callback
         self.deadline = deadline
+        self.exchange = exchange
+        #: For a mandatory publish: exchange, routing key and body, to match a basic.return with.
+        self.returnable = returnable
 
     def done(self, result: Any, **_: Any) -> None:
         callback, self.callback = self.callback, None
         if callback is not None:
             callback(result)
+
+
+_original_pt_channel_close = puka_machine._pt_channel_close
+_NO_EXCHANGE = re.compile(r"no exchange '(.*)' in vhost '")
+
+
+def _pt_channel_close(pt: Any, result: Any) -> None:
+    """A channel error fails the publish that caused it, not the others in flight on its channel (D23).
+
+    puka fails every in-flight publish of the channel with the broker's error,
+    including publishes already routed. Here a publish gets the broker's error
+    only when it is certainly the cause: it went to the exchange a 404 names,
+    or it was the only one in flight. Every other one gets
+    :class:`PublishOutcomeUnknown` (it may or may not have been routed).
+    puka still reopens the channel.
+    """
+    inflight = list(pt.x_async_inflight.values())
+    pt.x_async_inflight.clear()
+    _original_pt_channel_close(pt, result)
+    missing = _NO_EXCHANGE.search(str(result.get("reply_text", ""))) if result.get("reply_code") == 404 else None
+    culprit = missing.group(1).encode("utf-8") if missing else None
+    unknown: PublishOutcomeUnknown | None = None
+    for pending in inflight:
+        if pending.exchange == culprit or (culprit is None and len(inflight) == 1):
+            pending.done(result)
+            continue
+        if unknown is None:
+            unknown = PublishOutcomeUnknown(
+                f"publish outcome unknown: another publish on its channel closed it "
+                f"({result.get('reply_code')} {result.get('reply_text', '')}); the message may or may not "
+                "have been routed", pt.conn.x_server_hostname, pt.conn.port)
+        _resolve(pending, unknown)
 
 
 _original_consume_ok = puka_machine._bcm_basic_consume_ok
@@ -380,11 +390,24 @@ def _bcm_basic_cancel(ct: Any, result: Any) -> None:
         puka_machine._basic_cancel(ct)
 
 
+def _connection_close(t: Any, result: Any) -> None:
+    """The broker closed the connection: puka's handler without its raw "Connection killed with {...}" ERROR (D11).
+
+    The reason reaches the caller as the error of its operation (a refused login or vhost), or the
+    log as the connection's own "connection to ... lost: <reason>" WARNING; puka's line repeated it
+    on stderr.
+    """
+    puka_exceptions.mark_frame(result)
+    t.ping(result)
+    log.debug("the broker closed the connection: %r", result)
+    t.conn._shutdown(result)
+
+
 def _apply_patches() -> None:
     puka_compat.as_str = _lenient_as_str
     puka_spec.as_str = _lenient_as_str
     puka_table.encode = encode_table
-    puka_table.decode_value = _decode_value
+    puka_table.decode = _decode_table
     puka_spec.encode_connection_start_ok = _encode_connection_start_ok
     puka_spec.METHODS[puka_spec.METHOD_BASIC_NACK] = _decode_basic_nack
     puka_channel.Channel.inbound_body = _inbound_body
@@ -392,9 +415,12 @@ def _apply_patches() -> None:
     puka_promise.Promise.recv_method = _recv_method
     puka_machine._pt_channel_open_ok_puback = _pt_channel_open_ok_puback
     puka_machine._pt_basic_ack = _pt_basic_ack
+    puka_machine._pt_channel_close = _pt_channel_close
+    puka_machine._pt_basic_return = _pt_basic_return
     puka_machine._basic_cancel_one = _basic_cancel_one
     puka_machine._bcm_basic_cancel = _bcm_basic_cancel
     puka_machine._bcm_basic_consume_ok = _bcm_basic_consume_ok
+    puka_machine._connection_close = _connection_close
 
 
 _apply_patches()
@@ -478,6 +504,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
     attach_methods: tuple[Any, list[Any]] = (machine_decorator, [])  # puka's metaclass wants this
     sd: Any
     send_buf: Any
+    #: puka's publish channel (a promise), made once the connection is open: shared beyond the per-exchange ones.
+    x_publish_promise: Any
 
     def __init__(self, host: str, port: int, user: str, password: str, vhost: str, *,
                  heartbeat: int = 0, ssl_context: ssl.SSLContext | None = None,
@@ -497,6 +525,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         self.x_on_fail: Any = None
         #: Called when the broker has nacked every publish for a while (see note_confirms).
         self.x_on_nack_streak: Any = None
+        #: The publish channel (puka promise) of each exchange published to (D23).
+        self.x_exchange_channels: dict[bytes, Any] = {}
 
     def __repr__(self) -> str:
         return f"<FixedClient {self.username}@{self.host}:{self.port}>"
@@ -510,6 +540,14 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         t.register(puka_spec.METHOD_CONNECTION_UNBLOCKED, self._on_connection_unblocked)
         return t
 
+    # D11: puka reads why the connect failed (SO_ERROR), then drops it: "cannot connect to ...: ".
+    def on_write_connect(self) -> None:
+        error = self.sd.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._shutdown(puka_exceptions.mark_frame(puka_spec.Frame(), ConnectionBroken(error, os.strerror(error))))
+            return
+        super().on_write_connect()
+
     def _on_connection_blocked(self, t: Any, result: Any) -> None:
         t.register(puka_spec.METHOD_CONNECTION_BLOCKED, self._on_connection_blocked)
         if self.x_on_blocked is not None:
@@ -519,6 +557,22 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         t.register(puka_spec.METHOD_CONNECTION_UNBLOCKED, self._on_connection_unblocked)
         if self.x_on_blocked is not None:
             self.x_on_blocked(False, None)
+
+    # puka 0.0.8 always sends exchange.declare with passive=False: no way to check an exchange exists.
+    def exchange_declare(self, exchange: Any, type: Any = "direct", durable: bool = False,
+                         auto_delete: bool = False, arguments: Any = None, *, passive: bool = False,
+                         callback: Any = None) -> int:
+        """puka's exchange_declare, plus ``passive=True``: check the exchange exists, create nothing."""
+        if not passive:
+            number: int = super().exchange_declare(exchange, type=type, durable=durable, auto_delete=auto_delete,
+                                                   arguments=arguments or {}, callback=callback)
+            return number
+        promise = self.promises.new(puka_machine._exchange_declare)
+        # RabbitMQ compares nothing but the name on a passive declare.
+        promise.x_frames = puka_spec.encode_exchange_declare(exchange, b"", True, False, False, False, {})
+        promise.user_callback = callback
+        promise.after_machine()
+        return int(promise.number)
 
     # D25: TLS through an SSLContext, with SNI and host name checks.
     def _wrap_socket(self, sock: socket.socket) -> ssl.SSLSocket:
@@ -582,6 +636,8 @@ class FixedClient(puka.Client):  # type: ignore[misc]
 
     x_pending = b""
     x_framing_checked = False
+    #: Whether frames are logged (frame_log at DEBUG): None until looked up, once per batch.
+    x_log_frames: bool | None = None
 
     def on_read_nohandshake(self) -> None:
         """Read and dispatch every complete frame in one pass.
@@ -605,25 +661,48 @@ class FixedClient(puka.Client):  # type: ignore[misc]
             return
         data = self.x_pending + received if self.x_pending else received
         size, offset = len(data), 0
+        debug = frame_log.isEnabledFor(logging.DEBUG)  # once per read, not per frame
         channels = self.channels.channels
-        methods, props_decoders = puka_spec.METHODS, puka_spec.PROPS
-        while size - offset >= 8:
-            frame_type, channel, length = unpack_from("!BHI", data, offset)
+        methods = puka_spec.METHODS
+        largest = self.frame_max - 8
+        while size - offset >= 7:
+            frame_type, number, length = unpack_from("!BHI", data, offset)
+            if length > largest:
+                raise ConnectionBroken(f"the broker sent a frame of {length} bytes, more than frame_max allows")
             end = offset + 7 + length
             if end >= size:
                 break
             if data[end] != 0xCE:
                 raise ConnectionBroken("frame end marker missing: the stream is corrupt")
+            channel = channels.get(number)
+            if channel is None and frame_type != 0x08:
+                raise ConnectionBroken(f"the broker sent a frame for channel {number}, which was never opened")
+            if debug:
+                _log_frame("received", frame_type, number, memoryview(data)[offset + 7:end])
             if frame_type == 0x01:
                 (method_id,) = unpack_from("!I", data, offset + 7)
-                frame, _ = methods[method_id](data, offset + 11)
-                channels[channel].inbound_method(frame)
+                decode = methods.get(method_id)
+                if decode is None:
+                    raise ConnectionBroken(f"the broker sent unknown method {method_id >> 16}.{method_id & 0xFFFF}")
+                try:
+                    frame, after = decode(data, offset + 11)
+                except Exception as exc:  # noqa: BLE001 - a method frame is the connection's business
+                    raise ConnectionBroken(f"malformed method frame {method_id >> 16}.{method_id & 0xFFFF}: "
+                                           f"{exc}") from exc
+                if after != end:
+                    raise ConnectionBroken(f"malformed {frame.name} frame: {length} bytes, {after - offset - 7} "
+                                           "read")
+                channel.inbound_method(frame)
             elif frame_type == 0x02:
+                # The content header: what cannot be decoded in it is this message's problem (issue 18).
+                if length < 14:
+                    raise ConnectionBroken(f"content header of {length} bytes on channel {number}")
                 class_id, body_size = unpack_from("!HxxQ", data, offset + 7)
-                properties, _ = props_decoders[class_id](data, offset + 19)
-                channels[channel].inbound_props(body_size, properties)
+                if class_id != 60:
+                    raise ConnectionBroken(f"content header of class {class_id} on channel {number}")
+                channel.inbound_props(body_size, decode_properties(data, offset + 19, end))
             elif frame_type == 0x03:
-                channels[channel].inbound_body(data[offset + 7:end])
+                channel.inbound_body(data[offset + 7:end])
             elif frame_type == 0x08:
                 self._send_frames(0, [(0x08, b"")])
             else:
@@ -654,9 +733,14 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         if buf is None:
             raise ConnectionBroken("connection is closed")
         parts: list[Any] = []
+        debug = self.x_log_frames
+        if debug is None and frames:  # the first frames of a batch (the session's flush resets it): look once
+            debug = self.x_log_frames = frame_log.isEnabledFor(logging.DEBUG)
         for frame_type, payload in frames:
             if isinstance(payload, str):
                 payload = payload.encode("utf-8")
+            if debug:
+                _log_frame("sent", frame_type, channel_number, payload)
             header = pack("!BHI", frame_type, channel_number, len(payload))
             if len(payload) < 4096:
                 parts += (header, payload, b"\xce")
@@ -709,13 +793,12 @@ class FixedClient(puka.Client):  # type: ignore[misc]
         for promise in self.promises.all():
             if promise.to_be_released is False:
                 promise.done(result)
-        pt = getattr(self, "x_publish_promise", None)
-        if pt is not None:  # our publishes are not puka promises: fail them too
-            pending = self.pending_publishes()
+        pending = self.pending_publishes()  # our publishes are not puka promises: fail them too
+        for pt in self.publish_channels():
             pt.x_async_inflight.clear()
             pt.x_async_next = []
-            for item in pending:
-                item.done(result)
+        for item in pending:
+            item.done(result)
         sd, self.sd, self.send_buf = self.sd, None, None
         if sd is not None:
             try:
@@ -725,54 +808,135 @@ class FixedClient(puka.Client):  # type: ignore[misc]
             sd.close()
 
     # D7: encode first, then take a delivery tag. Also faster than puka's own
-    # encoder, and only mandatory messages carry puka's tracking header.
+    # encoder. No tracking header: returns are matched in the client (issue 16).
     def publish(self, exchange: bytes, routing_key: bytes, body: bytes, properties: dict[str, Any],
                 mandatory: bool, callback: Any, deadline: float = float("inf")) -> None:
-        """Queue a confirmed publish; ``callback(frame)`` runs once it is settled."""
+        """Queue a confirmed publish; ``callback(frame)`` runs once it is settled.
+
+        :raises ValueError: the content header would not fit a frame; nothing was queued.
+        """
         if self.send_buf is None:
             raise ConnectionBroken("connection is closed")
-        pt = self.x_publish_promise
-        if mandatory:
-            headers = dict(properties.get("headers") or {})
-            headers["x-puka-delivery-tag"] = pt.x_delivery_tag
-            properties = {**properties, "headers": headers}
+        pt = self.x_exchange_channels.get(exchange) or self._open_publish_channel(exchange)
         frames = publish_frames(exchange, routing_key, body, properties, mandatory, self.frame_max)
         delivery_tag = pt.x_delivery_tag
         pt.x_delivery_tag += 1
-        pt.x_async_next.append((delivery_tag, PendingPublish(callback, deadline), frames))
+        pending = PendingPublish(callback, deadline, exchange, (exchange, routing_key, body) if mandatory else None)
+        pt.x_async_next.append((delivery_tag, pending, frames))
         puka_machine._pt_async_flush(pt)
 
+    #: How many exchanges get a publish channel of their own; publishes to further ones share puka's.
+    x_exchange_channel_limit = 64
+
+    def _open_publish_channel(self, exchange: bytes) -> Any:
+        """The publish channel of an exchange not published to yet: a new one, while under the limit.
+
+        A channel error a publish provokes (404 for a missing exchange, 406,
+        403) closes its whole channel: with a channel per exchange, publishes
+        to other exchanges are not in flight there (D23).
+        """
+        channels = self.x_exchange_channels
+        if len(channels) >= self.x_exchange_channel_limit:
+            return self.x_publish_promise
+        shared = self.x_publish_promise
+        puka_machine.publish_promise(self)  # a channel in confirm mode; publishes wait in x_async_next until then
+        pt, self.x_publish_promise = self.x_publish_promise, shared
+        pt.after_machine()  # a recycled channel is ready at once: puka runs its handler here
+        channels[exchange] = pt
+        return pt
+
+    def publish_channels(self) -> list[Any]:
+        """Every publish channel's puka promise: puka's own (shared) one, then one per exchange."""
+        shared = getattr(self, "x_publish_promise", None)
+        return ([] if shared is None else [shared]) + list(self.x_exchange_channels.values())
+
     def pending_publishes(self) -> list[Any]:
-        """Publishes not yet settled, oldest first."""
-        pt = getattr(self, "x_publish_promise", None)
-        if pt is None:
-            return []
-        return [*pt.x_async_inflight.values(), *(pending for _, pending, _ in pt.x_async_next)]
+        """Publishes not yet settled, oldest first on each channel."""
+        return [pending for pt in self.publish_channels()
+                for pending in (*pt.x_async_inflight.values(), *(item[1] for item in pt.x_async_next))]
 
     def fail_publishes(self, error: BaseException, now: float | None = None) -> int:
         """Fail pending publishes: all of them, or those whose deadline is before ``now``.
 
         A failed publish is forgotten: a confirm that still comes is ignored.
         """
-        pt = getattr(self, "x_publish_promise", None)
-        if pt is None:
-            return 0
         failed = 0
-        inflight = pt.x_async_inflight
-        while inflight:
-            tag = next(iter(inflight))
-            pending = inflight[tag]
-            if now is not None and pending.deadline > now:
-                break  # deadlines grow with tags (nearly always): the rest are younger
-            del inflight[tag]
-            _resolve(pending, error)
-            failed += 1
-        keep = []
-        for item in pt.x_async_next:  # not sent yet: the publish channel is (re)opening
-            if now is None or item[1].deadline <= now:
-                _resolve(item[1], error)
+        for pt in self.publish_channels():
+            inflight = pt.x_async_inflight
+            while inflight:
+                tag = next(iter(inflight))
+                pending = inflight[tag]
+                if now is not None and pending.deadline > now:
+                    break  # deadlines grow with tags (nearly always): the rest are younger
+                del inflight[tag]
+                _resolve(pending, error)
                 failed += 1
-            else:
-                keep.append(item)
-        pt.x_async_next = keep
+            if not pt.x_async_next:
+                continue
+            keep = []
+            for item in pt.x_async_next:  # not sent yet: the publish channel is (re)opening
+                if now is None or item[1].deadline <= now:
+                    _resolve(item[1], error)
+                    failed += 1
+                else:
+                    keep.append(item)
+            pt.x_async_next = keep
         return failed
+
+    # -- the accessors the connection uses: nothing outside this module touches puka's internals -----
+    def send_frames(self, channel_number: int, frames: Any) -> None:
+        """Queue ready-made frames (acks, rejects, heartbeats, requests) on a channel."""
+        self._send_frames(channel_number, frames)
+
+    def find_promise(self, number: int | None) -> Any:
+        """The live puka promise numbered ``number``, or None once it has ended."""
+        return self.promises._promises.get(number)
+
+    def channel_alive(self, channel: Any) -> bool:
+        """True while ``channel`` is open and still this client's channel of its number."""
+        return bool(channel is not None and channel.alive and self.channels.channels.get(channel.number) is channel)
+
+    def channel_number(self, number: int | None) -> int | None:
+        """The channel promise ``number`` runs on, or None when it has ended or has no channel."""
+        promise = self.promises._promises.get(number)
+        return None if promise is None or promise.channel is None else int(promise.channel.number)
+
+    def release_get(self, number: int) -> None:
+        """A message of basic.get ``number`` was settled: let puka release the channel the get holds."""
+        promise = self.promises._promises.get(number)
+        if promise is not None and promise.refcnt > 0:
+            promise.refcnt_dec()
+
+    def on_deliveries(self, number: int, handler: Callable[[Any, int, Any], None]) -> None:
+        """Run ``handler(channel, promise_number, frame)`` for each delivery of consumer ``number``.
+
+        Straight from the I/O greenlet: puka's ready-set and refcount are skipped (we settle on the channel).
+        """
+        deliver_method = puka_spec.METHOD_BASIC_DELIVER
+
+        def deliver(promise: Any, result: Any) -> None:
+            promise.register(deliver_method, deliver)
+            handler(promise.channel, promise.number, result)
+
+        self.promises.by_number(number).register(deliver_method, deliver)
+
+    def on_consume_ok(self, number: int, ready: Callable[[], None]) -> None:
+        """Call ``ready()`` once every consume-ok of consumer ``number`` has arrived (D17)."""
+        self.promises.by_number(number).x_on_consume_ok = ready
+
+    def on_returns(self, number: int, handler: Callable[[Any], None]) -> None:
+        """Run ``handler(frame)`` for each basic.return on the channel of promise ``number`` (once registered)."""
+        promise = self.promises._promises.get(number)
+        return_method = puka_spec.METHOD_BASIC_RETURN
+        if promise is None or return_method in promise.methods:
+            return
+
+        def returned(promise: Any, result: Any) -> None:
+            promise.register(return_method, returned)
+            handler(result)
+
+        promise.register(return_method, returned)
+
+
+#: How received short strings are decoded (UTF-8, or bytes when they are not UTF-8: D5).
+as_str = _lenient_as_str

@@ -24,6 +24,7 @@ __all__ = [
     "PreconditionFailed",
     "Unroutable",
     "PublishNacked",
+    "PublishOutcomeUnknown",
     "Timeout",
     "ConnectionBlocked",
     "MessageStateError",
@@ -61,6 +62,14 @@ class ConnectionLost(ConnectionError):
 
     For a publish this means the outcome is unknown: the broker may or may not
     have routed the message.
+    """
+
+
+class PublishOutcomeUnknown(ConnectionLost):
+    """A publish's channel was closed by another operation's error before its confirm arrived.
+
+    The connection lives on, but as with :class:`ConnectionLost` the broker may
+    or may not have routed the message; ``retry=`` publishes it again.
     """
 
 

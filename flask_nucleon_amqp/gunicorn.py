@@ -40,7 +40,8 @@ from typing import Any
 
 from flask import Flask
 
-from .lifecycle import InitialisationError, live_apps
+from .extension import live_apps, state_of
+from .lifecycle import InitialisationError
 
 __all__ = ["pre_fork", "post_worker_init", "worker_exit"]
 
@@ -100,14 +101,15 @@ def post_worker_init(worker: Any) -> None:
     for signum in _STOP_SIGNALS:
         _on_stop_signal(signum, apps)
     for app in apps:
+        state = state_of(app)
         if not getattr(worker, "alive", True):  # told to stop while it booted
-            app.extensions["amqp"].lifecycle.request_stop()
+            state.lifecycle.request_stop()
             continue
         try:
-            app.extensions["amqp"].initialise()
+            state.initialise()
         except InitialisationError:
             # Abandoned by a stop signal (gunicorn's SIGQUIT handler marks the worker only a little later).
-            if getattr(worker, "alive", True) and not app.extensions["amqp"].lifecycle.stopping:
+            if getattr(worker, "alive", True) and not state.lifecycle.stopping:
                 raise
             log.info("worker %s stopped while initialising %r", os.getpid(), app.name)
 
@@ -129,7 +131,7 @@ def _on_stop_signal(signum: int, apps: list[Flask]) -> None:
 
 def _cancel_listeners(apps: list[Flask]) -> None:
     for app in apps:
-        lifecycle = app.extensions["amqp"].lifecycle
+        lifecycle = state_of(app).lifecycle
         try:
             lifecycle.cancel_listeners()
         except Exception:  # noqa: BLE001 - worker_exit still stops and closes
@@ -145,4 +147,4 @@ def worker_exit(server: Any, worker: Any) -> None:
     if getattr(worker, "pid", None) != os.getpid():
         return
     for app in _apps(worker):
-        app.extensions["amqp"].close()
+        state_of(app).close()

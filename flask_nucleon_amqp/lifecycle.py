@@ -33,25 +33,23 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import gevent
 import gevent.lock
 from flask import Flask
 from gevent.event import Event
 
-from .exceptions import AMQPError, ConfigError, ConnectionError, Timeout
-from .listener import Listener, ListenerOptions, MessageCallback, _callback_name
+from .exceptions import AMQPError, ConnectionError, Timeout
+from .listener import Listener, ListenerOptions, MessageCallback, callback_name
+from .pool import Pool
+from .protocol import Connection
 from .runtime import Runtime, in_hub
-from .topology import Topology, topology_from_config
+from .topology import Topology
 
-if TYPE_CHECKING:
-    from .extension import AMQPState
-
-__all__ = ["on_initialise", "InitialisationError", "Lifecycle", "Registry", "ListenerSpec", "attach", "live_apps"]
+__all__ = ["on_initialise", "InitialisationError", "Lifecycle", "Registry", "ListenerSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +57,6 @@ Handler = TypeVar("Handler", bound=Callable[[], Any])
 
 #: Handlers registered with the module-level :func:`on_initialise`: they run for every app.
 _global_handlers: list[Callable[[], Any]] = []
-
-#: Apps set up in this process, for the gunicorn hooks when the WSGI callable is wrapped.
-_apps: weakref.WeakSet[Flask] = weakref.WeakSet()
 
 
 def on_initialise(handler: Handler) -> Handler:
@@ -107,17 +102,32 @@ class Registry:
 
 
 class Lifecycle:
-    """One app's start-up and shut-down in the current process (see the module doc)."""
+    """One app's start-up and shut-down in the current process (see the module doc).
 
-    def __init__(self, app: Flask, state: AMQPState, registry: Registry, *, declare: bool,
-                 start_listeners: bool) -> None:
+    Plain: the Flask wiring (the ``before_request`` hook calling
+    :meth:`ensure_initialised`) is done by ``extension.py``.
+    """
+
+    def __init__(self, app: Flask, pools: Mapping[str, Pool], connect: Callable[[str], Connection],
+                 topology: Topology, registry: Registry, *, declare: bool, start_listeners: bool,
+                 shutdown_timeout: float, runtime_of: Callable[[], Runtime]) -> None:
         self.app = app
-        self.state = state
+        #: ``runtime_of()``: the app's runtime (resolved on first use, see runtime.py).
+        self._runtime_of = runtime_of
+        self.pools = pools
+        #: ``connect(pool_name)``: a shared connection of that pool (raises KeyError naming unknown pools).
+        self.connect = connect
+        #: The app's topology: AMQP_TOPOLOGY plus what was registered.
+        self.topology = topology
         self.registry = registry
+        self.shutdown_timeout = shutdown_timeout
         #: AMQP_DECLARE_ON_START: declare the topology at start and after every reconnect.
         self.declare = declare
         #: AMQP_START_LISTENERS: start listeners when a web process initialises.
         self.autostart = start_listeners
+        #: Background services (``start()``, ``stop(timeout) -> bool``) started and stopped with the
+        #: listeners, e.g. the outbox relay.
+        self.services: list[Any] = []
         self._pid = -1
         self._this_process()
 
@@ -130,7 +140,7 @@ class Lifecycle:
         self._done = False
         self._running = False
         self._error: InitialisationError | None = None
-        self._spawn = True
+        self._start_new_listeners = True
         self.listeners: list[Listener] = []
         #: Set by a stop request: start-up is abandoned, nothing starts any more.
         self.stopping = False
@@ -141,7 +151,7 @@ class Lifecycle:
     @property
     def runtime(self) -> Runtime:
         """The app's runtime: initialising, listeners and stopping run in its hub, whatever thread asks."""
-        return self.state.runtime
+        return self._runtime_of()
 
     @property
     def initialised(self) -> bool:
@@ -170,28 +180,33 @@ class Lifecycle:
                             f"AMQP initialisation of app {self.app.name!r} did not run: the process is stopping")
                         self._done = True
                     else:
-                        self._run(self.autostart if start_listeners is None else start_listeners)
+                        self._run_steps(self.autostart if start_listeners is None else start_listeners)
         if self._error is not None:
             # A new exception each time: re-raising one object would grow its traceback per request.
             raise InitialisationError(str(self._error)) from self._error.__cause__
 
-    def _run(self, spawn: bool) -> None:
+    def _run_steps(self, start_listeners: bool) -> None:
+        """Declare, run the handlers, register (and maybe start) the listeners; remember a failure."""
         self._running = True
         self._runner = gevent.getcurrent()
         self._not_running.clear()
-        self._spawn = spawn
+        self._start_new_listeners = start_listeners
         step = "declaring the topology"
         try:
             self._declare_at_start()
             for handler in [*_global_handlers, *self.registry.handlers]:
                 self._check_stopping()
-                step = f"on_initialise handler {_callback_name(handler)}"
+                step = f"on_initialise handler {callback_name(handler)}"
                 with self.app.app_context():
                     handler()
             for spec in self.registry.listeners:
                 self._check_stopping()
                 step = f"starting the listener on {spec.queue!r}"
                 self.register_listener(spec.queue, spec.callback, spec.options)
+            if start_listeners:
+                self._check_stopping()
+                step = "starting the background services"
+                self.start_services()
         except _Abandoned:
             self._error = InitialisationError(f"AMQP initialisation of app {self.app.name!r} was abandoned in "
                                               f"{step}: the process is stopping")
@@ -203,11 +218,11 @@ class Lifecycle:
                 "this process will not serve requests until it is restarted")
             self._error.__cause__ = exc
             log.error("%s", self._error, exc_info=exc)
-            self._stop_listeners(timeout=min(self.state.shutdown_timeout, 2.0))
+            self._stop_listeners(timeout=min(self.shutdown_timeout, 2.0))
         finally:
             self._running = False
             self._runner = None
-            self._spawn = True
+            self._start_new_listeners = True
             self._done = True
             self._not_running.set()
 
@@ -222,16 +237,16 @@ class Lifecycle:
     def _declare_at_start(self) -> None:
         if not self.declare:
             return
-        topology = self.state.topology
+        topology = self.topology
         if topology:
             try:
-                declared = topology.declare(self.state.connection("publish"))
+                declared = topology.declare(self.connect("publish"))
                 log.info("declared %d AMQP objects", len(declared))
             except (ConnectionError, Timeout) as exc:
                 log.warning("cannot declare the AMQP topology now (%s); it will be declared when the "
                             "connections open", exc)
         # Every connection re-declares it after each (re)open, before its consumers resume.
-        for pool in self.state.pools.values():
+        for pool in self.pools.values():
             if topology.redeclare_hook not in pool.on_open:
                 pool.on_open.append(topology.redeclare_hook)
 
@@ -240,13 +255,13 @@ class Lifecycle:
                           options: ListenerOptions | None = None) -> Listener:
         """Make a listener and start it, unless this is a ``flask amqp declare`` initialisation."""
         self._this_process()
-        listener = Listener(self.app, queue, callback, options or ListenerOptions(), self.state.connection,
-                            topology=self.state.topology, redeclare=self.declare)
-        if self.stopping and self._spawn:
+        listener = Listener(self.app, queue, callback, options or ListenerOptions(), self.connect,
+                            topology=self.topology, redeclare=self.declare)
+        if self.stopping and self._start_new_listeners:
             self._check_running_step()
             raise RuntimeError(f"app {self.app.name!r} is stopping: the listener on {queue!r} was not started")
         self.listeners.append(listener)
-        if self._spawn:
+        if self._start_new_listeners:
             try:
                 listener.start()
             except BaseException:
@@ -264,7 +279,14 @@ class Lifecycle:
         for listener in self.listeners:
             if not listener.started and not self.stopping:
                 listener.start()
+        self.start_services()
         return list(self.listeners)
+
+    @in_hub
+    def start_services(self) -> None:
+        """Start the background services (idempotent)."""
+        for service in self.services:
+            service.start()
 
     @in_hub
     def cancel_listeners(self) -> None:
@@ -295,7 +317,7 @@ class Lifecycle:
         """Abandon start-up, stop every listener gracefully; True when every running callback finished in time."""
         if self._pid != os.getpid():
             return True
-        timeout = self.state.shutdown_timeout if timeout is None else timeout
+        timeout = self.shutdown_timeout if timeout is None else timeout
         self.request_stop()
         if self._runner is not gevent.getcurrent():
             self._not_running.wait(min(timeout, 5.0))  # the abandoned step winds up (listeners it started)
@@ -309,34 +331,6 @@ class Lifecycle:
         finished = True
         for listener in listeners:
             finished = listener.stop(max(0.0, deadline - time.monotonic())) and finished
+        for service in self.services:
+            finished = service.stop(max(0.0, deadline - time.monotonic())) and finished
         return finished
-
-
-def _flag(app: Flask, key: str) -> bool:
-    value = app.config[key]
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"must be True or False, got {value!r}")
-    return value
-
-
-def attach(app: Flask, state: AMQPState, registry: Registry) -> None:
-    """Wire topology, lifecycle, the ``before_request`` hook and ``flask amqp`` into an app.
-
-    Called by ``init_app``; reads ``AMQP_TOPOLOGY``, ``AMQP_DECLARE_ON_START``
-    and ``AMQP_START_LISTENERS`` once.
-
-    :raises ConfigError: naming the offending key.
-    """
-    from .cli import amqp_cli
-
-    state.topology = topology_from_config(app.config["AMQP_TOPOLOGY"]).include(registry.topology)
-    state.lifecycle = Lifecycle(app, state, registry, declare=_flag(app, "AMQP_DECLARE_ON_START"),
-                                start_listeners=_flag(app, "AMQP_START_LISTENERS"))
-    app.before_request(state.lifecycle.ensure_initialised)
-    app.cli.add_command(amqp_cli)
-    _apps.add(app)
-
-
-def live_apps() -> list[Flask]:
-    """The apps set up with the extension in this process."""
-    return [app for app in list(_apps) if "amqp" in app.extensions]

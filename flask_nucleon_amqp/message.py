@@ -9,12 +9,15 @@ nothing about sockets: settling is delegated to the connection it came from.
 from __future__ import annotations
 
 import json as _json
+import logging
 from typing import Any, Protocol
 
 from . import runtime as _runtime
 from .exceptions import MessageStateError
 
 __all__ = ["Message", "encode_body"]
+
+log = logging.getLogger(__name__)
 
 #: Header puka adds to mandatory messages for its own bookkeeping; never shown to users.
 _PUKA_HEADER = "x-puka-delivery-tag"
@@ -41,8 +44,13 @@ class Message(dict[str, Any]):
         self.settled = owner is None
 
     @classmethod
-    def from_frame(cls, frame: dict[str, Any], owner: _Settler | None = None, context: Any = None) -> Message:
-        """Build a message from a (fixed) puka delivery or get-ok frame."""
+    def from_frame(cls, frame: dict[str, Any], owner: _Settler | None = None, context: Any = None,
+                   queue: str | None = None) -> Message:
+        """Build a message from a (fixed) puka delivery or get-ok frame from ``queue``.
+
+        A message whose properties could not be decoded is built all the same
+        (see :attr:`decode_error`), with one warning in the log.
+        """
         headers = frame.get("headers") or {}
         if _PUKA_HEADER in headers:
             headers = {k: v for k, v in headers.items() if k != _PUKA_HEADER}
@@ -59,6 +67,9 @@ class Message(dict[str, Any]):
             fields["message_count"] = frame["message_count"]
         for name, value in (frame.get("properties") or {}).items():
             fields["type" if name == "type_" else name] = value
+        if "decode_error" in fields:
+            log.warning("delivery %s from queue %r has undecodable properties (%s); passed on with empty "
+                        "headers and message.decode_error set", fields["delivery_tag"], queue, fields["decode_error"])
         return cls(fields, owner, context)
 
     # -- data -----------------------------------------------------------------------------
@@ -98,6 +109,24 @@ class Message(dict[str, Any]):
     @property
     def consumer_tag(self) -> str | None:
         return self["consumer_tag"]  # type: ignore[no-any-return]
+
+    @property
+    def decode_error(self) -> str | None:
+        """Why the properties of this message could not be decoded; None when they were.
+
+        Set when a publisher sent headers this client cannot read (a field
+        type that is not AMQP, nesting deeper than the limit, lengths that do
+        not add up). The message is still delivered, so that it can be acked,
+        rejected or dead-lettered rather than kill the connection or come back
+        forever: ``headers`` is then empty (other properties that could be read
+        are set) and :attr:`raw_properties` holds the bytes as received.
+        """
+        return self.get("decode_error")
+
+    @property
+    def raw_properties(self) -> bytes | None:
+        """The content header's property flags and list exactly as received, when :attr:`decode_error` is set."""
+        return self.get("raw_properties")
 
     def __getattr__(self, name: str) -> Any:
         # Properties (content_type, correlation_id, ...) read as attributes, None when unset.

@@ -51,11 +51,27 @@ class AMQPMetrics:
             "amqp_publish_confirm_seconds", "Time from publish to the broker's confirm", ["pool"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry)
+        self.publish_failures = Counter(
+            "amqp_publish_failures", "Publishes not confirmed, by reason (the exception's class)", ["pool", "reason"],
+            registry=registry)
+        self.handling_seconds = Histogram(
+            "amqp_listener_handling_seconds", "Time a listener's callback took (with its ack or reply)",
+            ["queue"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry)
         self._receivers: list[Any] = []
         for name, counter in self.counters.items():
             self._listen(name, counter)
         self._listen("connection_blocked", None)
         self._listen("connection_unblocked", None)
+        self._listen("publish_failed", None)
+        self._listen_handled()
+        registry.register(_PoolCollector(self.state))
+        #: The outbox's metrics when the app has one (call register_metrics after outbox.init_app).
+        self.outbox: Any = None
+        if app.extensions.get("amqp_outbox"):
+            from .outbox import OutboxMetrics
+
+            self.outbox = OutboxMetrics(app, registry)
 
     def _pool_of(self, sender: Any) -> str | None:
         pool = getattr(getattr(sender, "settings", None), "name", None)
@@ -76,9 +92,51 @@ class AMQPMetrics:
                 self.blocked.labels(pool=pool).inc()
             elif name == "connection_unblocked":
                 self.blocked.labels(pool=pool).dec()
+            elif name == "publish_failed":
+                self.publish_failures.labels(pool=pool, reason=type(kwargs["error"]).__name__).inc()
 
         getattr(signals, name).connect(receiver)
         self._receivers.append(receiver)
+
+    def _listen_handled(self) -> None:
+        def receiver(sender: Any, **kwargs: Any) -> None:
+            if sender in self.state.listeners:  # not another app's listener
+                self.handling_seconds.labels(queue=kwargs["queue"]).observe(kwargs["seconds"])
+
+        signals.message_handled.connect(receiver)
+        self._receivers.append(receiver)
+
+
+class _PoolCollector:
+    """Gauges read from the pools at scrape time: bytes waiting to be written, greenlets waiting."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def describe(self) -> list[Any]:
+        return []  # read at scrape time only: nothing to check at registration
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        buffered = GaugeMetricFamily("amqp_send_buffer_bytes", "Bytes queued for the broker, not yet written",
+                                     labels=["pool"])
+        waiting = GaugeMetricFamily("amqp_waiting_greenlets", "Greenlets waiting now, by what they wait for",
+                                    labels=["pool", "for"])
+        for name, pool in self.state.pools.items():
+            size = 0
+            counts = {"confirm": 0, "room": 0, "connection": 0}
+            for conn in pool.connections():
+                session = getattr(conn, "_session", None)
+                send_buf = getattr(getattr(session, "client", None), "send_buf", None)
+                size += len(send_buf) if send_buf is not None else 0
+                for what in counts:
+                    counts[what] += conn.stats.get(f"waiting_{what}", 0)
+            buffered.add_metric([name], size)
+            for what, count in counts.items():
+                waiting.add_metric([name, what], count)
+        yield buffered
+        yield waiting
 
 
 def register_metrics(app: Flask, registry: Any = None) -> AMQPMetrics:

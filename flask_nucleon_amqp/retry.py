@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 from .topology import Queue
 
 if TYPE_CHECKING:
-    from .connection import PukaConnection
     from .message import Message
+    from .protocol import Connection
 
 __all__ = [
     "RetryPolicy",
@@ -174,7 +174,7 @@ def restore_route(message: Message) -> None:
         message["exchange"], message["routing_key"] = exchange, routing_key
 
 
-def republish(conn: PukaConnection, message: Message, queue: str, retry_count: int,
+def republish(conn: Connection, message: Message, queue: str, retry_count: int,
               reason: str | None = None) -> None:
     """Publish a copy of ``message`` to ``queue`` (through the default exchange) and wait for the confirm.
 

@@ -31,6 +31,7 @@ and a lock, or the caller's own loop, in the other.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import os
@@ -95,10 +96,13 @@ def _auto() -> tuple[str, str]:
 class _Request:
     """One call handed to the home hub, and the way back to the thread that waits for it."""
 
-    __slots__ = ("function", "args", "kwargs", "result", "error", "done", "_lock", "_event", "_caller_loop")
+    __slots__ = ("function", "args", "kwargs", "result", "error", "done", "_lock", "_event", "_caller_loop",
+                 "_context")
 
     def __init__(self, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.function = function
+        #: The caller's context variables (OpenTelemetry's current span among them) go with the call.
+        self._context = contextvars.copy_context()
         self.args = args
         self.kwargs = kwargs
         self.result: Any = None
@@ -119,7 +123,7 @@ class _Request:
     def run(self) -> None:
         """Runs in a greenlet of the home hub."""
         try:
-            self.result = self.function(*self.args, **self.kwargs)
+            self.result = self._context.run(self.function, *self.args, **self.kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed back to the caller
             self.error = exc
         finally:

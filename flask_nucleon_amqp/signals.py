@@ -10,6 +10,7 @@ signal                 keyword arguments
 message_published      exchange, routing_key, body_size, body, properties (as sent, with headers)
 message_confirmed      exchange, routing_key, seconds (publish to confirm)
 message_returned       exchange, routing_key, error (an unroutable mandatory message)
+publish_failed         exchange, routing_key, error (any publish that was not confirmed)
 message_received       message
 message_acked          message
 message_rejected       message, requeue (reject and nack)
@@ -19,6 +20,7 @@ connection_lost        node, reason
 connection_recovered   node
 connection_blocked     reason
 connection_unblocked   (none)
+message_handled        queue, seconds, failed (sender: the Listener; its callback ran)
 ====================== ===========================================================
 """
 
@@ -29,7 +31,7 @@ from blinker import Namespace
 __all__ = [
     "message_published", "message_confirmed", "message_returned", "message_received", "message_acked",
     "message_rejected", "consumer_cancelled", "connection_opened", "connection_lost", "connection_recovered",
-    "connection_blocked", "connection_unblocked",
+    "connection_blocked", "connection_unblocked", "publish_failed", "message_handled",
 ]
 
 _signals = Namespace()
@@ -46,3 +48,5 @@ connection_lost = _signals.signal("amqp-connection-lost")
 connection_recovered = _signals.signal("amqp-connection-recovered")
 connection_blocked = _signals.signal("amqp-connection-blocked")
 connection_unblocked = _signals.signal("amqp-connection-unblocked")
+publish_failed = _signals.signal("amqp-publish-failed")
+message_handled = _signals.signal("amqp-message-handled")

@@ -13,7 +13,8 @@ point), so every test of an app can ask for these fixtures:
 They work alongside pytest-flask: the app is its ``app`` fixture (or the app
 of the current app context). :func:`record_messages`, :func:`wait_for_messages`
 and :class:`AMQPNames` can be used without pytest too, as with flask-mail's
-``record_messages``. No fixture here runs unless a test asks for it.
+``record_messages``; importing this module does not need pytest (only the
+fixtures do). No fixture here runs unless a test asks for it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-import pytest
 from flask import Flask, current_app, has_app_context
 from gevent.event import Event
 
@@ -35,6 +35,7 @@ from . import memory, signals
 from .exceptions import AMQPError, ConnectionError
 from .message import Message
 from .pool import Pool
+from .protocol import Connection
 
 if TYPE_CHECKING:
     from .extension import AMQPState
@@ -81,7 +82,7 @@ class AMQPNames:
         self.app = app
         return self
 
-    def cleanup(self, connection: Any) -> list[str]:
+    def cleanup(self, connection: Connection) -> list[str]:
         """Delete every queue, then every exchange named so far, newest first.
 
         Deleting what does not exist is fine (as in RabbitMQ); other failures
@@ -136,7 +137,7 @@ class PublishedMessage:
     body_size: int
     body: bytes | None = None
     properties: dict[str, Any] = field(default_factory=dict)
-    connection: Any = None
+    connection: Connection | None = None
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -230,6 +231,26 @@ def wait_for_messages(queue: str, count: int = 1, timeout: float = 5.0, *, conne
 
 # -- the pytest plugin -------------------------------------------------------------------------
 
+try:
+    import pytest
+except ImportError:  # the helpers above work without pytest; the fixtures below are then plain functions
+    pytest = None  # type: ignore[assignment]
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@overload
+def _fixture(function: _F) -> _F: ...
+@overload
+def _fixture(*, name: str) -> Callable[[_F], _F]: ...
+def _fixture(function: _F | None = None, *, name: str | None = None) -> Any:
+    """``pytest.fixture`` when pytest is installed; without it, the function is left as it is."""
+    if pytest is None:
+        return function if function is not None else (lambda undecorated: undecorated)
+    return pytest.fixture(function) if function is not None else pytest.fixture(name=name)
+
+
 def _test_app(request: pytest.FixtureRequest) -> Flask | None:
     """The test's app: its ``app`` fixture (pytest-flask's convention), else the current app."""
     try:
@@ -251,7 +272,7 @@ def _require_app(request: pytest.FixtureRequest, what: str) -> Flask:
     return app
 
 
-@pytest.fixture
+@_fixture
 def amqp_names(request: pytest.FixtureRequest) -> Iterator[AMQPNames]:
     """Unique queue and exchange names for this test; what they name is deleted afterwards.
 
@@ -276,7 +297,7 @@ def amqp_names(request: pytest.FixtureRequest) -> Iterator[AMQPNames]:
         log.warning("amqp_names cleanup: %s", problem)
 
 
-@pytest.fixture
+@_fixture
 def amqp_recorder(request: pytest.FixtureRequest) -> Callable[..., AbstractContextManager[list[PublishedMessage]]]:
     """``with amqp_recorder() as published: ...`` records what the test's app published in the block."""
 
@@ -286,7 +307,7 @@ def amqp_recorder(request: pytest.FixtureRequest) -> Callable[..., AbstractConte
     return recorder
 
 
-@pytest.fixture(name="wait_for_messages")
+@_fixture(name="wait_for_messages")
 def _wait_for_messages_fixture(request: pytest.FixtureRequest) -> Callable[..., list[Message]]:
     """``wait_for_messages(queue, count=1, timeout=5.0, ack=True)`` through the test's app."""
 
@@ -298,7 +319,7 @@ def _wait_for_messages_fixture(request: pytest.FixtureRequest) -> Callable[..., 
     return wait
 
 
-@pytest.fixture
+@_fixture
 def amqp_memory_url() -> Iterator[str]:
     """A ``memory://`` URL of a broker of this test's own, emptied and forgotten after it."""
     name = f"test-{uuid.uuid4().hex[:12]}"

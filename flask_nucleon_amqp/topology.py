@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .exceptions import ChannelError, ConfigError, NotFound, PreconditionFailed, ResourceLocked
 
 if TYPE_CHECKING:
-    from .connection import PukaConnection
+    from .protocol import Connection
 
 __all__ = ["Exchange", "Queue", "Binding", "Topology", "Declaration", "CheckResult", "CHECK_STATUSES",
            "topology_from_config"]
@@ -102,11 +102,11 @@ class Exchange:
         flags += [f"{k}={v!r}" for k, v in sorted(self.arguments.items())]
         return f"{self} ({', '.join(flags)})"
 
-    def declare(self, conn: PukaConnection) -> None:
+    def declare(self, conn: Connection) -> None:
         conn.exchange_declare(self.name, self.type, durable=self.durable, auto_delete=self.auto_delete,
                               arguments=self.arguments)
 
-    def delete(self, conn: PukaConnection) -> None:
+    def delete(self, conn: Connection) -> None:
         conn.exchange_delete(self.name)
 
 
@@ -188,10 +188,10 @@ class Queue:
         flags += [f"{k}={v!r}" for k, v in sorted(self.arguments.items()) if k != "x-queue-type"]
         return f"{self} ({', '.join(flags)})"
 
-    def declare(self, conn: PukaConnection) -> None:
+    def declare(self, conn: Connection) -> None:
         conn.queue_declare(self.name, durable=self.durable, auto_delete=self.auto_delete, arguments=self.arguments)
 
-    def delete(self, conn: PukaConnection) -> None:
+    def delete(self, conn: Connection) -> None:
         conn.queue_delete(self.name)
 
 
@@ -235,13 +235,13 @@ class Binding:
         extra = f" arguments={self.arguments!r}" if self.arguments else ""
         return f"{self}{extra}"
 
-    def declare(self, conn: PukaConnection) -> None:
+    def declare(self, conn: Connection) -> None:
         if self.queue is not None:
             conn.queue_bind(self.queue, self.exchange, self.routing_key, arguments=self.arguments)
         else:
             conn.exchange_bind(self.destination, self.exchange, self.routing_key, arguments=self.arguments)
 
-    def delete(self, conn: PukaConnection) -> None:
+    def delete(self, conn: Connection) -> None:
         if self.queue is not None:
             conn.queue_unbind(self.queue, self.exchange, self.routing_key, arguments=self.arguments)
         else:
@@ -328,7 +328,7 @@ class Topology:
     def queues(self) -> list[Queue]:
         return [d for d in self if isinstance(d, Queue)]
 
-    def declare(self, conn: PukaConnection, only: Iterable[Declaration] | None = None) -> list[Declaration]:
+    def declare(self, conn: Connection, only: Iterable[Declaration] | None = None) -> list[Declaration]:
         """Declare everything (or ``only`` those) on ``conn``, in dependency order.
 
         :raises PreconditionFailed: a declaration conflicts with what exists; the message names it.
@@ -345,7 +345,7 @@ class Topology:
             self._declared[_broker(conn)] = (os.getpid(), tuple(declared))
         return declared
 
-    def delete(self, conn: PukaConnection) -> list[Declaration]:
+    def delete(self, conn: Connection) -> list[Declaration]:
         """Delete everything: bindings first, then queues (with their messages), then exchanges.
 
         Already-absent objects are not an error (deleting is idempotent too).
@@ -361,7 +361,7 @@ class Topology:
             deleted.append(declaration)
         return deleted
 
-    def check(self, conn: PukaConnection) -> list[CheckResult]:
+    def check(self, conn: Connection) -> list[CheckResult]:
         """Compare the broker's exchanges, queues and bindings with these declarations; change nothing.
 
         Used by ``flask amqp declare --check``. One :class:`CheckResult` per
@@ -396,7 +396,7 @@ class Topology:
         checker = _Checker(conn)
         return [checker.check(declaration) for declaration in self]
 
-    def redeclare_hook(self, conn: PukaConnection) -> None:
+    def redeclare_hook(self, conn: Connection) -> None:
         """An ``on_open`` hook: declare again after a reconnect, before consumers resume.
 
         A conflict is logged, not raised: raising here would fail whatever
@@ -469,7 +469,7 @@ def _difference(exc: ChannelError) -> str:
 class _Checker:
     """One run of :meth:`Topology.check`: remembers what exists, so bindings need no second look."""
 
-    def __init__(self, conn: PukaConnection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.exists: dict[tuple[str, str], bool] = {}
 

@@ -6,7 +6,8 @@ RabbitMQ installation on the machine, and stops them again by pid.
 
 * ``rabbit_node``: one node with an AMQP listener and a TLS listener (a
   throw-away CA made with ``openssl``), for tests/test_reliability.py and
-  tests/test_tls.py.
+  tests/test_tls.py, and the management plugin (HTTP API on
+  ``node.management_port``), for ``flask amqp status`` in tests/test_cli.py.
 * ``rabbit_cluster``: three nodes clustered at boot (classic peer discovery),
   for tests/test_cluster.py.
 
@@ -263,8 +264,9 @@ def _sweep_stale_sites(age: float = 900.0) -> None:
 class Site:
     """One temporary directory, one epmd and one Erlang cookie, shared by the nodes of a set."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, plugins: tuple[str, ...] = ()) -> None:
         self.label = label
+        self.plugins = plugins
         _sweep_stale_sites()
         self.dir = tempfile.mkdtemp(prefix=f"nucleon-rabbit-{label}-")
         self.tag = secrets.token_hex(3)
@@ -275,7 +277,7 @@ class Site:
         with open(os.path.join(self.dir, "rabbitmq-env.conf"), "w"):
             pass  # an empty env file keeps /etc/rabbitmq out
         with open(os.path.join(self.dir, "enabled_plugins"), "w") as out:
-            out.write("[].")  # no plugins: no management port, faster boot
+            out.write(f"[{','.join(plugins)}].")  # by default none: no management port, faster boot
         self.epmd_port = free_ports(1)[0]
         self.ctl_ports = _free_port_range(10)
         self.epmd: subprocess.Popen[bytes] | None = None
@@ -342,7 +344,7 @@ class RabbitNode:
         self.short = short
         self.name = f"nucleon{site.tag}-{short}@localhost"
         hosts = ("127.0.0.1", "127.0.0.2") if tls else ("127.0.0.1",)
-        self.port, self.dist_port, self.ssl_port = free_ports(3, hosts)
+        self.port, self.dist_port, self.ssl_port, self.management_port = free_ports(4, hosts)
         self.tls = tls
         self.cluster_with = cluster_with
         self.proc: subprocess.Popen[bytes] | None = None
@@ -370,6 +372,12 @@ class RabbitNode:
             "log.console = false",
             "log.file.level = info",
         ]
+        if "rabbitmq_management" in self.site.plugins:
+            lines += [
+                f"management.tcp.port = {self.management_port}",
+                "management.tcp.ip = 127.0.0.1",
+                "collect_statistics_interval = 500",  # counts in the HTTP API within half a second
+            ]
         if self.tls:
             lines += [
                 f"listeners.ssl.1 = 127.0.0.1:{self.ssl_port}",
@@ -634,6 +642,9 @@ class Cluster:
 class _Boot:
     """Starts a set of nodes in a greenlet; the fixtures wait for it."""
 
+    #: RabbitMQ plugins the set's nodes run.
+    plugins: tuple[str, ...] = ()
+
     def __init__(self, label: str) -> None:
         self.label = label
         self.site: Site | None = None
@@ -653,7 +664,7 @@ class _Boot:
                 raise BrokerError("RabbitMQ's scripts are not installed (looked for "
                                   "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin; set NUCLEON_RABBITMQ_SBIN); "
                                   "install the rabbitmq-server package (make broker does)")
-            self.site = Site(self.label)
+            self.site = Site(self.label, self.plugins)
             self.site.start_epmd()
             self.result = self._boot(self.site)
         except BaseException as exc:  # noqa: BLE001 - reported by the fixture, never to the hub
@@ -679,6 +690,8 @@ class _Boot:
 
 
 class _NodeBoot(_Boot):
+    plugins = ("rabbitmq_management",)
+
     def _boot(self, site: Site) -> RabbitNode:
         node = RabbitNode(site, "n1", tls=TLSFiles(os.path.join(site.dir, "tls")))
         node.start()

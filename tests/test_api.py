@@ -364,6 +364,39 @@ def test_bad_arguments_fail_before_anything_is_sent(c: Any) -> None:
     assert not c.is_open
 
 
+def test_timeout_and_retry_are_honoured_or_refused_by_name(c: Any, n: AMQPNames) -> None:
+    """Both transports check ``timeout`` and ``retry`` the same way; none is silently ignored."""
+    queue = n.queue()
+    with pytest.raises(ValueError, match="retry must be a non-negative integer"):
+        c.publish("", queue, b"x", retry=-1)
+    with pytest.raises(ValueError, match="retry= works only for synchronous publishes"):
+        c.publish("", queue, b"x", retry=2, callback=lambda p, r: None)
+    with pytest.raises(ValueError, match="timeout must be a non-negative number"):
+        c.queue_declare(queue, timeout=-1)
+    assert not c.is_open  # refused before anything was sent
+    c.queue_declare(queue, timeout=5)
+    promise = c.consume(queue, callback=lambda p, m: None, timeout=5)
+    with pytest.raises(ValueError, match="timeout must be a non-negative number"):
+        c.qos(promise, 5, timeout="soon")
+    with pytest.raises(ValueError, match="timeout must be a non-negative number"):
+        c.cancel(promise, timeout=-0.5)
+    assert c.has_consumer(promise)  # a refused cancel leaves the consumer running
+    c.qos(promise, 5, timeout=5)
+    c.cancel(promise, timeout=5)
+    assert not c.has_consumer(promise)
+    assert c.publish("", queue, b"x", retry=1, timeout=5) is None
+    assert _count(c, queue) == 1
+
+
+def test_an_operation_that_cannot_be_sent_leaves_nothing_pending(c: Any, n: AMQPNames) -> None:
+    c.close(timeout=5)
+    with pytest.raises(ConnectionError, match="was closed"):
+        c.queue_declare(n.queue(), callback=lambda p, r: None)
+    with pytest.raises(ConnectionError, match="was closed"):
+        c.queue_declare(n.queue())
+    assert c.pending == 0
+
+
 def test_mandatory_returns(c: Any, n: AMQPNames) -> None:
     exchange, queue = n.exchange(), n.queue()
     c.exchange_declare(exchange, "direct")
@@ -402,6 +435,56 @@ def test_publish_errors(c: Any, other: Any, n: AMQPNames) -> None:
     other.cancel(server)
     c.publish("", queue, b"still fine")
     assert _bodies(c, queue) == [b"still fine"]
+
+
+def test_a_publish_to_a_missing_exchange_fails_alone(c: Any, n: AMQPNames) -> None:
+    """400 concurrent good publishes and one to a missing exchange on one connection: only that one fails."""
+    queue, missing = n.queue(), n.exchange("absent")
+    c.queue_declare(queue)
+    outcomes: dict[int, Any] = {}
+
+    def publish(i: int) -> None:
+        try:
+            c.publish(missing if i == 200 else "", queue, str(i))
+            outcomes[i] = "confirmed"
+        except Exception as exc:  # noqa: BLE001 - the test looks at every outcome
+            outcomes[i] = exc
+
+    gevent.joinall([gevent.spawn(publish, i) for i in range(401)], timeout=60)
+    assert isinstance(outcomes.pop(200), NotFound)
+    assert outcomes == {i: "confirmed" for i in range(401) if i != 200}
+    assert sorted(_bodies(c, queue)) == sorted(str(i).encode() for i in range(401) if i != 200)
+
+
+def test_one_bad_publish_in_a_batch_fails_alone(c: Any, n: AMQPNames) -> None:
+    queue, missing = n.queue(), n.exchange("absent")
+    c.queue_declare(queue)
+    results: Queue = Queue()
+    for exchange, body in [("", b"g1"), (missing, b"bad"), ("", b"g2"), ("", b"g3")]:
+        c.publish(exchange, queue, body, callback=lambda _p, result, body=body: results.put((body, result)))
+    outcomes = dict(results.get(timeout=10) for _ in range(4))
+    assert isinstance(outcomes.pop(b"bad"), NotFound)
+    assert outcomes == {b"g1": {}, b"g2": {}, b"g3": {}}
+    assert _bodies(c, queue) == [b"g1", b"g2", b"g3"]
+
+
+def test_a_mismatched_redeclare_fails_alone(c: Any, n: AMQPNames) -> None:
+    """A 406 one caller provokes (a topology operation has a channel of its own) fails no one else."""
+    queue, durable = n.queue(), n.queue("durable")
+    c.queue_declare(queue)
+    c.queue_declare(durable, durable=True)
+    results: Queue = Queue()
+    steps: list[tuple[str, Any]] = [("p1", lambda cb: c.publish("", queue, b"p1", callback=cb)),
+                                    ("bad", lambda cb: c.queue_declare(durable, callback=cb)),
+                                    ("q", lambda cb: c.queue_declare(queue, callback=cb)),
+                                    ("p2", lambda cb: c.publish("", queue, b"p2", callback=cb))]
+    for label, start in steps:
+        start(lambda _p, result, label=label: results.put((label, result)))
+    outcomes = dict(results.get(timeout=10) for _ in steps)
+    assert isinstance(outcomes.pop("bad"), PreconditionFailed)
+    assert outcomes["q"]["queue"] == queue
+    assert (outcomes["p1"], outcomes["p2"]) == ({}, {})
+    assert _bodies(c, queue) == [b"p1", b"p2"]
 
 
 def test_async_results_arrive_in_order(c: Any, n: AMQPNames) -> None:
@@ -785,6 +868,78 @@ def test_deleting_a_queue_cancels_its_consumers(c: Any, other: Any, n: AMQPNames
     got[0].ack()  # acking a message of a deleted queue is harmless
     c.queue_declare(queue)
     assert c.queue_declare(queue, passive=True)["consumer_count"] == 0
+
+
+def test_a_blocked_consumer_callback_holds_up_only_its_own_consumer(c: Any, n: AMQPNames) -> None:
+    slow_queue, fast_queue = n.queue("slow"), n.queue("fast")
+    c.queue_declare(slow_queue)
+    c.queue_declare(fast_queue)
+    gate, slow_seen, fast_seen = Event(), [], []
+
+    def slow(_promise: int, message: Message) -> None:
+        slow_seen.append(message.body)
+        gate.wait(5)  # blocks (as a sleep or a slow call would) until the test has seen the rest flow
+        message.ack()
+
+    def fast(_promise: int, message: Message) -> None:
+        fast_seen.append(message.body)
+        message.ack()
+
+    slow_promise = c.consume(slow_queue, callback=slow)
+    fast_promise = c.consume(fast_queue, callback=fast)
+    for i in range(3):
+        c.publish("", slow_queue, f"s{i}")
+    assert wait_until(lambda: slow_seen == [b"s0"])
+    confirms: Queue = Queue()
+    for i in range(50):
+        c.publish("", fast_queue, f"f{i}", callback=lambda _p, result: confirms.put(result))
+    assert [confirms.get(timeout=5) for _ in range(50)] == [{}] * 50  # confirm callbacks keep flowing
+    assert wait_until(lambda: len(fast_seen) == 50, timeout=5)
+    assert not gate.is_set() and slow_seen == [b"s0"]  # all that while the slow callback was still blocked
+    assert fast_seen == [f"f{i}".encode() for i in range(50)]
+    gate.set()
+    assert wait_until(lambda: slow_seen == [b"s0", b"s1", b"s2"])  # its own deliveries stay in order
+    c.cancel(slow_promise)
+    c.cancel(fast_promise)
+
+
+def test_a_consumer_callback_can_wait_for_its_own_async_publish(c: Any, n: AMQPNames) -> None:
+    source, target = n.queue("src"), n.queue("dst")
+    c.queue_declare(source)
+    c.queue_declare(target)
+    outcomes: Queue = Queue()
+
+    def forward(_promise: int, message: Message) -> None:
+        confirmed: Queue = Queue()
+        c.publish("", target, message.body, callback=lambda _p, result: confirmed.put(result))
+        try:
+            outcomes.put(confirmed.get(timeout=5))  # that callback must run while this one waits
+        except Exception as exc:  # noqa: BLE001
+            outcomes.put(exc)
+        message.ack()
+
+    promise = c.consume(source, callback=forward)
+    c.publish("", source, b"ping")
+    assert outcomes.get(timeout=10) == {}
+    c.cancel(promise)
+    assert _bodies(c, target) == [b"ping"]
+
+
+def test_an_operation_callback_can_wait_for_another_ones(c: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    outcomes: Queue = Queue()
+
+    def declared(_promise: int, result: Any) -> None:
+        confirmed: Queue = Queue()
+        c.publish("", result["queue"], b"x", callback=lambda _p, outcome: confirmed.put(outcome))
+        try:
+            outcomes.put(confirmed.get(timeout=5))  # queued behind this callback: another greenlet runs it
+        except Exception as exc:  # noqa: BLE001
+            outcomes.put(exc)
+
+    c.queue_declare(queue, callback=declared)
+    assert outcomes.get(timeout=10) == {}
+    assert _bodies(c, queue) == [b"x"]
 
 
 def test_callback_can_block_on_its_own_connection(c: Any, n: AMQPNames) -> None:
@@ -1176,3 +1331,183 @@ def test_connection_loss_and_recovery(c: Any, other: Any, n: AMQPNames) -> None:
     with pytest.raises(NotFound):
         c.queue_declare(exclusive, passive=True)
     other.cancel(resumed)
+
+
+# -- every operation in both forms (issue 13) -------------------------------------------------------
+
+def _async(operation: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``operation`` with ``callback=``: a promise comes back before any outcome; return that outcome."""
+    delivered: Queue = Queue()
+    promise = operation(*args, callback=lambda p, r: delivered.put((p, r)), **kwargs)
+    assert isinstance(promise, int) and not isinstance(promise, bool)
+    assert delivered.empty()  # returned at once: the outcome comes later, in the callback greenlet
+    got, result = delivered.get(timeout=10)
+    assert got == promise
+    return result
+
+
+def test_get_sync_async_and_async_error(c: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    c.queue_declare(queue)
+    for body in (b"one", b"two"):
+        c.publish("", queue, body)
+    first = c.get(queue)
+    assert isinstance(first, Message) and first.body == b"one"
+    first.ack()
+    second = _async(c.get, queue)
+    assert isinstance(second, Message) and second.body == b"two"
+    second.ack()
+    assert c.get(queue) is None
+    assert _async(c.get, queue) is None  # empty
+    missing = _async(c.get, n.queue("absent"))
+    assert isinstance(missing, NotFound)  # delivered, not raised
+    assert c.get(queue) is None  # and the connection carries on
+    with pytest.raises(ValueError, match="queue"):
+        c.get("x" * 256, callback=lambda p, r: None)  # argument errors are raised at the call
+
+
+def test_cancel_and_qos_sync_async_and_their_errors(c: Any, other: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    c.queue_declare(queue)
+    held: list[Message] = []
+    promise = other.consume(queue, callback=lambda p, m: held.append(m), prefetch_count=1)
+    assert other.qos(promise, 2) is None  # today's spelling
+    assert _async(other.qos, prefetch_count=3) is None  # Nucleon's: the connection's only consumer
+    for i in range(10):
+        c.publish("", queue, str(i))
+    assert wait_until(lambda: len(held) == 3)
+    gevent.sleep(0.2)
+    assert len(held) == 3  # the window qos(prefetch_count=3) set
+    assert other.qos(prefetch_count=4, promise=promise) is None  # naming the consumer
+    assert wait_until(lambda: len(held) == 7)  # a new window of four
+    second = other.consume(queue, callback=lambda p, m: None, prefetch_count=1)
+    with pytest.raises(ValueError, match="promise="):
+        other.qos(prefetch_count=5, callback=lambda p, r: None)  # two consumers: which one?
+    with pytest.raises(ValueError, match="no consumer"):
+        other.qos(12345678, 5, callback=lambda p, r: None)
+    assert other.cancel(second) is None
+    assert _async(other.cancel, promise) is None
+    assert not other.has_consumer(promise)
+    with pytest.raises(ValueError, match="no consumer"):
+        other.cancel(promise, callback=lambda p, r: None)  # argument error: raised, not delivered
+    for message in held:
+        message.ack()
+    assert len(_bodies(c, queue)) == 3
+
+
+# Each topology method: (set-up, the call, the expected result, a failing call, the error it fails with).
+_TOPOLOGY: list[tuple[str, Any, Any, Any, type[Exception]]] = [
+    ("exchange_declare", lambda c, x, y, q: c.exchange_declare(x, "fanout"), {},
+     lambda c, x, y, q: c.exchange_declare(x, "topic"), PreconditionFailed),
+    ("exchange_declare passive", lambda c, x, y, q: c.exchange_declare(x, passive=True), {},
+     lambda c, x, y, q: c.exchange_declare(x + "-absent", passive=True), NotFound),
+    ("exchange_bind", lambda c, x, y, q: c.exchange_bind(y, x, "k"), {},
+     lambda c, x, y, q: c.exchange_bind(y, x + "-absent", "k"), NotFound),
+    ("exchange_unbind", lambda c, x, y, q: c.exchange_unbind(y, x, "k"), {},
+     lambda c, x, y, q: c.exchange_unbind(y, "", "k"), AccessRefused),
+    ("exchange_delete", lambda c, x, y, q: c.exchange_delete(y), {},
+     lambda c, x, y, q: c.exchange_delete("amq.direct"), AccessRefused),
+    ("queue_declare", lambda c, x, y, q: c.queue_declare(q), None,
+     lambda c, x, y, q: c.queue_declare(q + "-absent", passive=True), NotFound),
+    ("queue_bind", lambda c, x, y, q: c.queue_bind(q, x, "k"), {},
+     lambda c, x, y, q: c.queue_bind(q, x + "-absent", "k"), NotFound),
+    ("queue_unbind", lambda c, x, y, q: c.queue_unbind(q, x, "k"), {},
+     lambda c, x, y, q: c.queue_unbind(q, "", "k"), AccessRefused),
+    ("queue_purge", lambda c, x, y, q: c.queue_purge(q), {"message_count": 0},
+     lambda c, x, y, q: c.queue_purge(q + "-absent"), NotFound),
+    ("queue_delete", lambda c, x, y, q: c.queue_delete(q), {"message_count": 0},
+     lambda c, x, y, q: c.queue_delete(q, if_empty=True), PreconditionFailed),
+]
+
+
+def _with_callback(call: Any, c: Any, *names: str) -> Any:
+    """Run one of the table's calls on ``c`` with callback=, through :func:`_async`."""
+    class Async:
+        def __getattr__(self, method: str) -> Any:
+            return lambda *args, **kwargs: _async(getattr(c, method), *args, **kwargs)
+    return call(Async(), *names)
+
+
+@pytest.mark.parametrize("operation", [row[0] for row in _TOPOLOGY])
+def test_topology_sync_async_and_async_error(c: Any, n: AMQPNames, operation: str) -> None:
+    _, call, expected, failing, error = next(row for row in _TOPOLOGY if row[0] == operation)
+    names = (n.exchange("x"), n.exchange("y"), n.queue())
+
+    def set_up() -> None:
+        c.exchange_declare(names[0], "fanout")
+        c.exchange_declare(names[1], "fanout")
+        c.queue_declare(names[2])
+        c.exchange_bind(names[1], names[0], "k")
+        c.queue_bind(names[2], names[0], "k")
+
+    for form in ("sync", "async"):
+        set_up()
+        result = call(c, *names) if form == "sync" else _with_callback(call, c, *names)
+        if expected is None:  # queue_declare
+            assert result == {"queue": names[2], "message_count": 0, "consumer_count": 0}
+        else:
+            assert result == expected
+    set_up()
+    c.publish("", names[2], b"makes the queue non-empty")
+    failed = _with_callback(failing, c, *names)
+    assert isinstance(failed, error), failed  # delivered to the callback, not raised
+    with pytest.raises(error):
+        failing(c, *names)
+    assert c.queue_declare(names[2], passive=True)["queue"] == names[2]  # the connection carries on
+    c.queue_purge(names[2])
+
+
+def test_passive_exchange_declare_creates_nothing_and_fails_only_its_caller(c: Any, n: AMQPNames) -> None:
+    absent, kept = n.exchange("absent"), n.queue("kept")
+    c.queue_declare(kept)
+    others = [gevent.spawn(c.publish, "", kept, str(i)) for i in range(20)]
+    with pytest.raises(NotFound, match="absent"):
+        c.exchange_declare(absent, passive=True)
+    gevent.joinall(others, raise_error=True)  # the publishes around it are all confirmed
+    with pytest.raises(NotFound):
+        c.exchange_declare(absent, passive=True)  # still not created
+    assert _count(c, kept) == 20
+
+
+def test_call_sync_async_and_async_error(c: Any, other: Any, n: AMQPNames) -> None:
+    queue = n.queue("rpc")
+    c.queue_declare(queue)
+    server = _echo_server(other, queue)
+    assert c.call("", queue, b"sync", timeout=5).body == b"echo:sync"
+    reply = _async(c.call, "", queue, b"async", timeout=5)
+    assert isinstance(reply, Message) and reply.body == b"echo:async"
+    refused = _async(c.call, "", n.queue("nobody"), b"?", timeout=5)
+    assert isinstance(refused, Unroutable)
+    with pytest.raises(ValueError, match="priority"):
+        c.call("", queue, b"x", priority=999, callback=lambda p, r: None)
+    other.cancel(server)
+
+
+def test_publish_and_consume_sync_async_and_async_error(c: Any, n: AMQPNames) -> None:
+    queue = n.queue()
+    c.queue_declare(queue)
+    assert c.publish("", queue, b"sync") is None
+    assert _async(c.publish, "", queue, b"async") == {}
+    assert isinstance(_async(c.publish, n.exchange("absent"), "k", b"x"), NotFound)
+    message = c.consume(queue, timeout=5)
+    assert message is not None and message.body == b"sync"
+    message.ack()
+    got: Queue = Queue()
+    promise = c.consume(queue, callback=lambda p, m: got.put((p, m)))  # the handler: one call per message
+    assert isinstance(promise, int)
+    delivered_promise, delivered = got.get(timeout=10)
+    assert delivered_promise == promise and delivered.body == b"async"
+    delivered.ack()
+    c.cancel(promise)
+
+
+def test_close_sync_and_async(spare: Any) -> None:
+    first, second = spare(), spare()
+    first.ensure_open()
+    second.ensure_open()
+    assert first.close(timeout=5) is None and not first.is_open
+    closed: Queue = Queue()
+    promise = second.close(timeout=5, callback=lambda p, r: closed.put((p, r)))
+    assert isinstance(promise, int)
+    assert closed.get(timeout=10) == (promise, None)
+    assert not second.is_open

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import gevent
 import pytest
 from flask import Flask
@@ -21,9 +24,22 @@ from flask_nucleon_amqp import AMQP, AMQPState, Message, NotFound, PukaConnectio
 from flask_nucleon_amqp.lifecycle import ListenerSpec
 from flask_nucleon_amqp.listener import ListenerOptions
 
-from conftest import BROKER_URL, Names, make_app, wait_until
+from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, make_app, wait_until
+
+pytest_plugins = ["_brokers"]  # a private node with the management plugin, for `status`
 
 TESTS = Path(__file__).parent
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on (just released by the kernel): connecting there is refused."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 @pytest.fixture
@@ -122,6 +138,50 @@ def test_publish_errors(names: Names, runner: FlaskCliRunner, args: list[str], s
     assert "Traceback" not in result.output
 
 
+def test_publish_warns_when_no_queue_took_the_message(names: Names, runner: FlaskCliRunner) -> None:
+    absent = names.queue("absent")
+    result = runner.invoke(args=["amqp", "publish", "", absent, "body"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"Warning: no queue took the message: nothing is bound to the default exchange with routing key {absent!r}, "
+        "so the broker dropped it (--mandatory makes this an error)",
+        f"published 4 bytes to the default exchange with routing key {absent!r} (confirmed, unroutable: dropped)",
+    ]
+
+
+def test_publish_refuses_empty_stdin_unless_asked(capp: Flask, runner: FlaskCliRunner) -> None:
+    queue = capp.config["QUEUE"]
+    runner.invoke(args=["amqp", "declare"])
+    result = runner.invoke(args=["amqp", "publish", "", queue], input=b"")
+    assert result.exit_code == 1 and result.output == "Error: stdin is empty: give --empty to publish an empty body\n"
+    state: AMQPState = capp.extensions["amqp"]
+    assert state.get(queue) is None  # nothing was published
+    result = runner.invoke(args=["amqp", "publish", "", queue, "--empty"], input=b"")
+    assert result.exit_code == 0
+    assert result.output == f"published 0 bytes to the default exchange with routing key {queue!r} (confirmed)\n"
+    message = state.get(queue)
+    assert message is not None and message.body == b""
+    message.ack()
+
+
+def test_every_option_is_documented_in_help_and_the_guide() -> None:
+    from flask_nucleon_amqp.cli import amqp_cli
+
+    guide = (TESTS.parent / "docs" / "guide.rst").read_text()
+    section = guide.split("The ``flask amqp`` commands\n", 1)[1].split("\n----", 1)[0]  # that section
+    commands: list[click.Command] = [amqp_cli, *amqp_cli.commands.values()]
+    undocumented = []
+    for command in commands:
+        for param in command.params:
+            if isinstance(param, click.Option):
+                long_names = [name for name in param.opts if name.startswith("--")]
+                mentioned = all(re.search(rf"(?<![\w-]){name}(?![\w-])", section) for name in long_names)
+                if not param.help or not mentioned:
+                    undocumented.append(f"{command.name} {'/'.join(param.opts)}")
+    assert undocumented == []
+    assert len(amqp_cli.commands["publish"].params) == 9  # 3 arguments, 6 options: this test sees them all
+
+
 def test_publish_to_a_missing_exchange(names: Names, runner: FlaskCliRunner) -> None:
     result = runner.invoke(args=["amqp", "publish", names.exchange("missing"), "k", "body"])
     assert result.exit_code == 1 and result.output.startswith("Error: 404 NOT_FOUND - no exchange")
@@ -129,16 +189,56 @@ def test_publish_to_a_missing_exchange(names: Names, runner: FlaskCliRunner) -> 
 
 def test_status_reports_pools_and_queues(capp: Flask, runner: FlaskCliRunner) -> None:
     queue = capp.config["QUEUE"]
-    result = runner.invoke(args=["amqp", "status"])
+    [silent] = free_ports(1)  # nothing listens there: the management API "does not answer", for real
+    management = ["--management-url", f"http://127.0.0.1:{silent}/"]
+    result = runner.invoke(args=["amqp", "status", *management])
     assert result.exit_code == 1 and f"queue {queue!r}: MISSING (run `flask amqp declare`)" in result.output
     runner.invoke(args=["amqp", "declare"])
     capp.extensions["amqp"].publish("", queue, b"waiting")
-    result = runner.invoke(args=["amqp", "status"])
+    result = runner.invoke(args=["amqp", "status", *management])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("pool 'publish': amqp://guest:***@127.0.0.1:5672/%2F (size 2): reachable, RabbitMQ 3.")
     assert lines[1].startswith("pool 'listen': amqp://guest:***@127.0.0.1:5672/%2F (size 1): reachable, RabbitMQ 3.")
-    assert lines[2] == f"queue {queue!r}: 1 ready, 0 consumers"
+    assert lines[2] == (f"management API at http://127.0.0.1:{silent}/ does not answer ([Errno 111] Connection "
+                        "refused): unacked counts and consumer utilisation need the rabbitmq_management plugin "
+                        "(--management-url if it listens elsewhere)")
+    assert lines[3] == f"queue {queue!r}: 1 ready, 0 consumers"
+    assert len(lines) == 4
+
+
+def test_status_shows_unacked_and_utilisation_when_the_management_plugin_answers(node_up: Any) -> None:
+    """The shared broker runs no management plugin; the private node does (tests/_brokers.py)."""
+    queue = f"status-{os.getpid()}-{time.monotonic_ns()}"
+    app = make_app(AMQP_URL=node_up.url(), AMQP_TOPOLOGY={"queues": {queue: {"durable": False}}})
+    AMQP(app)
+    state: AMQPState = app.extensions["amqp"]
+    held: list[Message] = []
+    try:
+        assert app.test_cli_runner().invoke(args=["amqp", "declare"]).exit_code == 0
+        for i in range(3):
+            state.publish("", queue, f"m{i}")
+        consumer = state.connection("listen").consume(queue, callback=lambda _p, message: held.append(message),
+                                                      prefetch_count=2)
+        assert wait_until(lambda: len(held) == 2)  # two unacked, one ready
+        management = ["--management-url", f"http://127.0.0.1:{node_up.management_port}/"]
+        expected = re.compile(rf"queue '{queue}': 1 ready, 2 unacked, 1 consumers, consumer utilisation "
+                              r"(\d+%|n/a)")
+        outputs: list[str] = []
+
+        def shown() -> bool:  # the plugin samples its counts every 500 ms on that node
+            result = app.test_cli_runner().invoke(args=["amqp", "status", *management])
+            outputs.append(result.output)
+            return result.exit_code == 0 and expected.fullmatch(result.output.splitlines()[-1]) is not None
+
+        assert wait_until(shown, timeout=20, interval=0.5), outputs[-1]
+        assert "does not answer" not in outputs[-1] and node_up.password not in outputs[-1]
+        state.connection("listen").cancel(consumer)
+        for message in held:
+            message.ack()
+    finally:
+        state.queue_delete(queue)
+        state.close(timeout=5)
 
 
 def test_status_of_an_unreachable_broker_fails_without_traceback_or_password() -> None:
@@ -192,7 +292,6 @@ def test_listen_runs_until_sigterm(capp: Flask, runner: FlaskCliRunner) -> None:
         assert wait_until(lambda: len(handled) == 3)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    assert state.lifecycle is not None
     state.lifecycle.registry.listeners.append(ListenerSpec(queue, handle, ListenerOptions()))  # as @amqp.listener
     driver = gevent.spawn(drive)
     result = runner.invoke(args=["amqp", "listen"])
@@ -319,7 +418,8 @@ def test_declare_check_on_a_matching_topology(capp: Flask, runner: FlaskCliRunne
         f"ok: queue {queue!r} (durable, x-expires=600000)",
         f"unverifiable: binding {room!r} -> queue {queue!r} (routing key '#'): both ends exist; AMQP cannot see "
         "the binding itself (`rabbitmqctl list_bindings` can)",
-        "3 declarations match amqp://guest:***@127.0.0.1:5672/%2F",
+        "the broker at amqp://guest:***@127.0.0.1:5672/%2F matches the declared topology: 2 match, 0 differ, "
+        "0 missing, 1 unverifiable (of 3 declarations)",
     ]
 
 
@@ -332,8 +432,8 @@ def test_declare_check_on_a_missing_topology_creates_nothing(capp: Flask, runner
         f"MISSING: queue {queue!r} (durable, x-expires=600000): the broker has no queue of that name",
         f"MISSING: binding {room!r} -> queue {queue!r} (routing key '#'): exchange {room!r} and queue {queue!r} "
         "missing",
-        "Error: the broker at amqp://guest:***@127.0.0.1:5672/%2F differs from the declared topology: 3 missing of "
-        "3 declarations; `flask amqp declare` creates missing ones",
+        "Error: the broker at amqp://guest:***@127.0.0.1:5672/%2F differs from the declared topology: 0 match, "
+        "0 differ, 3 missing, 0 unverifiable (of 3 declarations); `flask amqp declare` creates missing ones",
     ]
     state: AMQPState = capp.extensions["amqp"]
     assert not _exists(state, queue) and not _exchange_exists(state, room)
@@ -352,8 +452,8 @@ def test_declare_check_on_a_differing_topology(capp: Flask, runner: FlaskCliRunn
                         "the broker has '300000'")
     assert lines[2].startswith(f"unverifiable: binding {room!r} -> queue {queue!r}")
     assert lines[3] == ("Error: the broker at amqp://guest:***@127.0.0.1:5672/%2F differs from the declared "
-                        "topology: 2 with other settings of 3 declarations; one with other settings must be "
-                        "deleted (or its declaration changed) first")
+                        "topology: 0 match, 2 differ, 0 missing, 1 unverifiable (of 3 declarations); one with other "
+                        "settings must be deleted (or its declaration changed) first")
     # The broker's objects are as they were.
     state.exchange_declare(room, "fanout", durable=True)
     state.queue_declare(queue, durable=True, arguments={"x-expires": 300_000})
@@ -396,7 +496,7 @@ def test_declare_check_sees_a_retry_queue_with_another_delay(names: Names) -> No
         assert (f"DIFFERS: queue '{queue}.retry' (durable, x-dead-letter-exchange='', x-dead-letter-routing-key="
                 f"'{queue}', x-message-ttl=300): x-message-ttl: declared '300', the broker has '200'") in result.output
         assert f"ok: queue '{queue}.dead' (durable)" in result.output
-        assert "1 with other settings of 3 declarations" in result.output
+        assert "2 match, 1 differ, 0 missing, 0 unverifiable (of 3 declarations)" in result.output
     finally:
         before.extensions["amqp"].close(timeout=5)
         after.extensions["amqp"].close(timeout=5)
@@ -440,3 +540,73 @@ def test_declare_dry_run_connects_to_nothing(names: Names) -> None:
 def test_declare_check_and_dry_run_exclude_each_other(runner: FlaskCliRunner) -> None:
     result = runner.invoke(args=["amqp", "declare", "--check", "--dry-run"])
     assert result.exit_code == 2 and "give --check or --dry-run, not both" in result.output
+
+
+# -- one-line errors, as a user sees them: `python -m flask` in a subprocess, stdout and stderr apart ----------
+BROKER = f"{BROKER_HOST}:{BROKER_PORT}"
+ONE_LINE_ERRORS = {
+    "bad config key": (f"amqp://guest:guest@{BROKER}/%2F?heartbeat=x",
+                       "Error: AMQP_URL ?heartbeat: must be a number of seconds >= 0, got 'x'"),
+    "wrong password": (f"amqp://guest:s3cret-pw@{BROKER}/%2F",
+                       f"Error: broker at amqp://guest:***@{BROKER}/%2F refused the login: ACCESS_REFUSED - Login "
+                       "was refused using authentication mechanism PLAIN. For details see the broker logfile."),
+    "refused vhost": (f"amqp://guest:guest@{BROKER}/nucleon-no-such-vhost",
+                      f"Error: broker at amqp://guest:***@{BROKER}/nucleon-no-such-vhost refused the vhost: "
+                      "NOT_ALLOWED - vhost nucleon-no-such-vhost not found"),
+    "refused connection": ("amqp://guest:s3cret-pw@127.0.0.1:{port}/%2F",
+                           "Error: cannot connect to amqp://guest:***@127.0.0.1:{port}/%2F: [Errno 111] Connection "
+                           "refused"),
+    "TLS to a plain port": (f"amqps://guest:s3cret-pw@{BROKER}/%2F",
+                            f"Error: cannot connect to amqps://guest:***@{BROKER}/%2F: TLS handshake failed: "
+                            "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+}
+
+
+def _flask_with_url(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "LIFECYCLE_AMQP_URL": url,
+           "LIFECYCLE_QUEUE": "unused", "LIFECYCLE_RESULTS": "unused"}
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "_lifecycle_app:create_app", "amqp", *args],
+                          env=env, cwd=TESTS, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("case", list(ONE_LINE_ERRORS))
+def test_errors_are_one_line_on_stderr(case: str) -> None:
+    [port] = free_ports(1)
+    url, expected = (text.replace("{port}", str(port)) for text in ONE_LINE_ERRORS[case])
+    result = _flask_with_url(url, "publish", "", "q", "body")
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", expected + "\n")
+
+
+def test_listen_that_cannot_start_says_why_in_one_line() -> None:
+    """No library log line (the failed declare, the handler's traceback) before the error."""
+    url, expected = ONE_LINE_ERRORS["wrong password"]
+    result = _flask_with_url(url, "listen")
+    reason = expected.removeprefix("Error: ")
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", (
+        "Error: AMQP initialisation of app '_lifecycle_app' failed in on_initialise handler "
+        f"_lifecycle_app.create_app.<locals>.announce: {reason}; this process will not serve requests until it is "
+        "restarted\n"))
+
+
+@pytest.mark.parametrize("case", ["bad config key", "wrong password"])
+def test_verbose_adds_the_traceback(case: str) -> None:
+    url, expected = ONE_LINE_ERRORS[case]
+    result = _flask_with_url(url, "--verbose", "publish", "", "q", "body")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "Traceback (most recent call last):" in result.stderr and result.stderr.endswith(f"\n{expected}\n")
+    assert "s3cret-pw" not in result.stderr
+
+
+@pytest.mark.parametrize("where, dotenv", [("example_app", True), ("example_app", False), (".", True)])
+def test_flask_amqp_finds_the_example_app(where: str, dotenv: bool) -> None:
+    """Bare `flask amqp` inside example_app/ (wsgi.py, or .flaskenv) and at the repository root (.flaskenv)."""
+    env = {**os.environ, **({} if dotenv else {"FLASK_SKIP_DOTENV": "1"})}
+    env.pop("FLASK_APP", None)
+    flask = str(Path(sys.executable).parent / "flask")  # the script: unlike `python -m`, no cwd on sys.path
+    result = subprocess.run([flask, "amqp", "declare", "--dry-run"], env=env,
+                            cwd=TESTS.parent / where, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "would declare exchange 'unit_test_room' (direct, durable)" in result.stdout
+    assert result.stdout.splitlines()[-1].endswith(" declarations for amqp://guest:***@localhost:5672/%2F (dry run: "
+                                                   "nothing declared, no connection opened, no on_initialise "
+                                                   "handler run)")

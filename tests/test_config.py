@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from flask import Flask
 
 from flask_nucleon_amqp import AMQP, ConfigError
-from flask_nucleon_amqp.config import POOL_KEYS, Node, parse_url, read_config
+from flask_nucleon_amqp.config import APP_SETTINGS, POOL_SETTINGS, Node, PoolSettings, Setting, parse_url, read_config
 
 
 def test_defaults_give_publish_and_listen_pools() -> None:
@@ -86,6 +87,12 @@ def test_several_nodes_for_a_cluster() -> None:
     ({"AMQP_POOLS": {"publish": {"ca_file": __file__}}}, "AMQP_POOLS['publish']['ca_file']"),
     ({"AMQP_SHUTDOWN_TIMEOUT": "soon"}, "AMQP_SHUTDOWN_TIMEOUT"),
     ({"AMQP_PUBLISH_POOL_SIZE": 3}, "AMQP_PUBLISH_POOL_SIZE"),
+    ({"AMQP_URL": "amqp:/bad"}, "AMQP_URL"),  # not vhost "bad" on localhost
+    ({"AMQP_POOLS": {"listen": {"url": "amqps:broker"}}}, "AMQP_POOLS['listen']['url']"),
+    ({"AMQP_POOLS": {"publish": {"heartbeat": 0.5}}}, "AMQP_POOLS['publish']['heartbeat']"),
+    ({"AMQP_URL": "amqp://broker/?heartbeat=0.2"}, "AMQP_URL ?heartbeat"),
+    ({"AMQP_DECLARE_ON_START": "yes"}, "AMQP_DECLARE_ON_START"),
+    ({"AMQP_TOPOLOGY": ["q"]}, "AMQP_TOPOLOGY"),
 ])
 def test_bad_config_names_the_key(config: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -127,16 +134,61 @@ def test_broker_down_does_not_stop_the_app_from_starting() -> None:
     assert app.extensions["amqp"].get_amqp_pool().connections() == []
 
 
-def test_every_pool_key_is_documented_in_app_cfg_example() -> None:
-    example = (Path(__file__).parent.parent / "app.cfg.example").read_text()
-    for key in POOL_KEYS:
-        assert f'"{key}"' in example, f"app.cfg.example does not document the pool key {key!r}"
-    for key in ("AMQP_URL", "AMQP_POOLS", "AMQP_SHUTDOWN_TIMEOUT"):
-        assert key in example
+def test_a_pool_overriding_only_the_host_keeps_the_urls_port() -> None:
+    pools = read_config({"AMQP_URL": "amqp://u:p@broker:5673/v", "AMQP_POOLS": {
+        "publish": {"host": "other"}, "listen": {"host": ["n1", "n2"]},
+        "tls": {"url": "amqps://secure:5999/", "host": "secure2"}, "plain": {"host": "h", "port": 5680}}})
+    assert pools["publish"].nodes == (Node("other", 5673),)
+    assert pools["listen"].nodes == (Node("n1", 5673), Node("n2", 5673))
+    assert pools["tls"].nodes == (Node("secure2", 5999),)
+    assert pools["plain"].nodes == (Node("h", 5680),)
+    assert read_config({"AMQP_URL": "amqps://broker/", "AMQP_POOLS": {"publish": {"host": "x"}}})[
+        "publish"].nodes == (Node("x", 5671),)
 
 
-def test_readme_config_table_matches_the_config_module() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    table = readme.split("<!-- pool-keys:start -->\n", 1)[1].split("<!-- pool-keys:end -->", 1)[0]
-    expected = "".join(f"| `{key}` | {doc} |\n" for key, (_, doc) in POOL_KEYS.items())
-    assert table == expected
+def test_heartbeats_are_whole_seconds() -> None:
+    """The broker is told whole seconds; the client's dead-peer check uses the same value."""
+    pools = read_config({"AMQP_POOLS": {"publish": {"heartbeat": 1.6}, "listen": {"heartbeat": 0}}})
+    assert (pools["publish"].heartbeat, pools["listen"].heartbeat) == (2.0, 0.0)
+    assert read_config({"AMQP_URL": "amqp://h/?heartbeat=1"})["publish"].heartbeat == 1.0
+
+
+def test_one_table_holds_every_key_with_its_default_parser_and_doc() -> None:
+    for name, setting in [*APP_SETTINGS.items(), *POOL_SETTINGS.items()]:
+        assert isinstance(setting, Setting) and callable(setting.parse), name
+        assert setting.doc and "\n" not in setting.doc, f"{name}: a one-line doc"
+    defaults = read_config({})["publish"]
+    for field in ("size", "user", "password", "vhost", "heartbeat", "connect_timeout", "operation_timeout",
+                  "blocked_timeout", "max_buffer"):
+        assert getattr(defaults, field) == POOL_SETTINGS[field].default == getattr(PoolSettings("x"), field)
+    app = Flask(__name__)
+    AMQP(app)
+    assert {key: app.config[key] for key in APP_SETTINGS} == {k: s.default for k, s in APP_SETTINGS.items()}
+    app.extensions["amqp"].close()
+
+
+def _example_comment_above(lines: list[str], index: int) -> str:
+    """The comment lines right above line ``index``, joined, without their ``#:`` / ``#`` markers."""
+    found: list[str] = []
+    while index > 0 and lines[index - 1].strip().startswith("#"):
+        index -= 1
+        found.insert(0, lines[index].strip().lstrip("#:").strip())
+    return " ".join(found)
+
+
+def test_app_cfg_example_agrees_with_the_config_table() -> None:
+    """Every key is in app.cfg.example, with its default (app keys) and its doc as the comment above it."""
+    path = Path(__file__).parent.parent / "app.cfg.example"
+    lines = path.read_text().splitlines()
+    values: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), {}, values)  # our own example file
+    assert set(values) == set(APP_SETTINGS), "app.cfg.example sets exactly the AMQP_* keys"
+    for key, setting in APP_SETTINGS.items():
+        assert values[key] == setting.default, f"app.cfg.example: {key} is not its default"
+        index = next(i for i, line in enumerate(lines) if line.startswith(f"{key} = "))
+        assert _example_comment_above(lines, index).startswith(setting.doc), f"app.cfg.example: {key}'s comment"
+    for key, setting in POOL_SETTINGS.items():
+        index = next((i for i, line in enumerate(lines) if re.match(rf'\s*#\s+"{key}": ', line)), None)
+        assert index is not None, f"app.cfg.example does not show the pool key {key!r}"
+        assert re.sub(r"^[#\s]+", "", lines[index - 1]) == f"{setting.doc} (default {setting.default_text})", \
+            f"app.cfg.example: the comment above pool key {key!r}"

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -24,6 +28,7 @@ from flask_nucleon_amqp import (
     Timeout,
     Unroutable,
 )
+from flask_nucleon_amqp import connection as connection_module
 
 from _proxy import Proxy
 from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, close_broker_connection, make_app, outcome, wait_until
@@ -259,7 +264,7 @@ def test_cancel_requeues_undelivered_and_keeps_held_ackable(conn: PukaConnection
     assert wait_until(lambda: len(held) == 1)
     conn.cancel(promise)
     gate.set()
-    assert wait_until(lambda: conn._dispatch_queue == type(conn._dispatch_queue)() and not conn._callback_running)
+    assert wait_until(lambda: conn._dispatch_queue == type(conn._dispatch_queue)() and not conn._callbacks_running)
     assert len(held) == 1  # the others were never handed to the callback after cancel
     held[0].ack()  # the held one can still be acked
     assert wait_until(lambda: conn.queue_declare(queue, passive=True)["message_count"] == 19, timeout=10)
@@ -413,6 +418,37 @@ def test_consumer_resumes_after_connection_is_forced_closed(conn: PukaConnection
     assert received[-1] == b"after"
     assert conn.queue_declare(queue, passive=True)["consumer_count"] == 1  # exactly one consumer
     conn.cancel(promise)
+
+
+def test_cancel_whose_consume_ok_comes_late_cancels_once_it_comes(names: Names) -> None:
+    """cancel() gives up waiting for consume-ok; the broker's consumer must still go, not loop on requeues."""
+    proxy = Proxy((BROKER_HOST, BROKER_PORT))
+    app = make_app(AMQP_POOLS={"publish": {"port": proxy.port, "heartbeat": 0}})
+    AMQP(app)
+    conn = app.extensions["amqp"].connection("publish")
+    direct_app = make_app()
+    AMQP(direct_app)
+    direct = direct_app.extensions["amqp"].connection("publish")  # to look at the queue past the proxy
+    try:
+        queue = names.queue()
+        direct.queue_declare(queue)
+        seen: list[bytes] = []
+        promise = conn.consume(queue, lambda _p, message: seen.append(message.body))
+        proxy.stall()
+        resubscribe = gevent.spawn(conn.qos, promise, 10, timeout=30)  # a new subscription, not yet confirmed
+        gevent.sleep(0.2)
+        conn.cancel(promise, timeout=0.5)  # gives up before that subscription's consume-ok
+        proxy.resume()
+        resubscribe.join(timeout=30)
+        assert wait_until(lambda: direct.queue_declare(queue, passive=True)["consumer_count"] == 0, timeout=10)
+        direct.publish("", queue, b"after cancel")
+        gevent.sleep(1)
+        assert direct.queue_declare(queue, passive=True)["message_count"] == 1
+        assert seen == [] and conn.stats["delivered"] == 0  # never delivered, rejected, redelivered...
+    finally:
+        app.extensions["amqp"].close(timeout=2)
+        direct_app.extensions["amqp"].close(timeout=2)
+        proxy.close()
 
 
 def test_operation_timeout_raises_timeout_and_connection_recovers(names: Names) -> None:
@@ -743,6 +779,107 @@ def test_recovered_connection_log_names_the_node_it_reached(caplog: pytest.LogCa
             close_broker_connection(conn)
             assert wait_until(lambda: conn.stats["recovered"] == 1, timeout=30)
         recovered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recovered connection")]
-        assert recovered == [f"recovered connection to amqp://guest:***@{BROKER_HOST}:{BROKER_PORT}/%2F"]
+        assert len(recovered) == 1, recovered
+        assert re.fullmatch(rf"recovered connection to amqp://guest:\*\*\*@{re.escape(BROKER_HOST)}:{BROKER_PORT}/%2F "
+                            r"after \d+\.\d{3}s", recovered[0]), recovered
     finally:
         app.extensions["amqp"].close(timeout=5)
+
+
+def _burst(mode: str) -> dict[str, int]:
+    """Run tests/_buffer_burst.py in a fresh process (its peak RSS is its own) and read its figures."""
+    script = os.path.join(os.path.dirname(__file__), "_buffer_burst.py")
+    done = subprocess.run([sys.executable, script, mode, BROKER_URL], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(mode, figures)
+    return figures
+
+
+def test_many_greenlets_publishing_buffer_at_most_max_buffer_per_connection() -> None:
+    """10,000 greenlets x 4 KiB on a pool of 4 (max_buffer 1 MiB): every one confirmed, <= 1 MiB unsent each."""
+    figures = _burst("greenlets")
+    assert (figures["settled"], figures["failed"], figures["connections"]) == (10_000, 0, 4)
+    # A publish waits for room before its frames are queued; a message's frame headers may exceed it a little.
+    assert figures["buffer_peak"] <= 4 * (figures["max_buffer"] + 512), figures
+
+
+def test_async_publishes_in_a_loop_wait_for_room_in_the_buffer() -> None:
+    """10,000 async publishes of 16 KiB from one greenlet: the loop yields when the buffer is full."""
+    figures = _burst("async")
+    assert (figures["settled"], figures["failed"]) == (10_000, 0)
+    assert figures["buffer_peak"] <= figures["max_buffer"] + 512, figures
+    # Without the bound, all 160 MB of bodies were queued before the first byte left (RSS +170 MB).
+    assert figures["rss_peak_kib"] - figures["rss_before_kib"] < 32 * 1024, figures
+
+
+def test_a_publisher_finding_the_buffer_full_times_out_having_sent_nothing(names: Names) -> None:
+    proxy = Proxy((BROKER_HOST, BROKER_PORT), receive_buffer=65536)
+    app = make_app(AMQP_POOLS={"publish": {"port": proxy.port, "heartbeat": 0, "max_buffer": 65536}})
+    AMQP(app)
+    state = app.extensions["amqp"]
+    try:
+        bulk, late = names.queue("bulk"), names.queue("late")
+        state.queue_declare(bulk, arguments={"x-max-length": 10})  # the broker keeps little of the bulk
+        state.queue_declare(late)
+        conn = state.connection("publish")
+        conn.publish("", bulk, b"open")  # opened before the stall
+        proxy.stall()
+        confirmed: list[object] = []
+        body = b"b" * 65536
+
+        def publish_in_a_loop() -> None:
+            for _ in range(1000):  # more than the socket buffers hold: the loop waits for room
+                conn.publish("", bulk, body, callback=lambda _p, result: confirmed.append(result), timeout=60)
+
+        loop = gevent.spawn(publish_in_a_loop)
+        published = -1
+        while published != conn.stats["published"]:  # until the loop stops getting room
+            published = conn.stats["published"]
+            gevent.sleep(0.5)
+        assert published < 1000 and not loop.dead  # it yields, waiting for room
+        with pytest.raises(Timeout, match="not sent"):  # no room for it: not queued at all
+            conn.publish("", late, body, timeout=0.5)
+        proxy.resume()
+        loop.join(timeout=60)
+        assert wait_until(lambda: len(confirmed) == 1000, timeout=60)
+        assert confirmed == [{}] * 1000
+        assert state.queue_declare(late, passive=True)["message_count"] == 0
+        assert conn.stats["buffer_peak"] <= 65536 + 512
+    finally:
+        proxy.resume()
+        state.close(timeout=5)
+        proxy.close()
+
+
+def test_each_resolved_address_has_a_connect_timeout_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """D26: a host name resolving to a silent address and then to the broker still connects.
+
+    The silent address is a listener of this test on 127.0.0.2 that never answers; only name
+    resolution is replaced (the host name resolves to it, then to the broker's address), the
+    connections are real.
+    """
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.2", BROKER_PORT))  # the broker listens on 127.0.0.1 only
+    silent.listen(8)  # the kernel completes the TCP handshake; nobody ever speaks AMQP
+    resolved: list[str] = []
+
+    def resolve(host: str, port: int) -> list[object]:
+        resolved.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in ("127.0.0.2", BROKER_HOST)]
+
+    monkeypatch.setattr(connection_module, "_resolve", resolve)
+    app = make_app(AMQP_URL=f"amqp://guest:guest@broker.invalid:{BROKER_PORT}/?connect_timeout=3")
+    AMQP(app)
+    state: AMQPState = app.extensions["amqp"]
+    try:
+        conn = state.connection("publish")
+        started = time.monotonic()
+        conn.ensure_open()  # the silent address uses its 3 s; the broker's address gets 3 s of its own
+        assert time.monotonic() - started >= 2.9
+        assert resolved == ["broker.invalid"]
+        assert conn.queue_declare("", exclusive=True)["queue"].startswith("amq.gen-")
+    finally:
+        state.close(timeout=5)
+        silent.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flask_nucleon_amqp.config import APP_KEYS, EXTRA_APP_KEYS, POOL_KEYS
+from flask_nucleon_amqp.config import APP_SETTINGS, POOL_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -27,11 +27,12 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
     assert result.returncode == 0, (f"sphinx-build failed (sphinx comes with the test extra: pip install -e "
                                     f"'.[test]'):\n{result.stdout}\n{result.stderr}")
     configuration = (tmp_path / "html" / "configuration.html").read_text(encoding="utf-8")
-    for key in [*APP_KEYS, *EXTRA_APP_KEYS, *POOL_KEYS]:
+    for key in [*APP_SETTINGS, *POOL_SETTINGS]:
         literal = f'<code class="docutils literal notranslate"><span class="pre">{key}</span></code>'
         assert literal in configuration, f"the configuration reference lacks {key}"
     api = (tmp_path / "html" / "api.html").read_text(encoding="utf-8")
-    for name in ("extension.AMQP.init_app", "connection.PukaConnection.publish", "message.Message.ack",
+    for name in ("extension.AMQP.init_app", "extension.current_amqp", "extension.AMQPState.publish",
+                 "connection.PukaConnection.publish", "message.Message.ack",
                  "pool.Pool.connection", "topology.Topology.declare", "testing.record_messages"):
         assert f'id="flask_nucleon_amqp.{name}"' in api, f"the API reference lacks {name}"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flask import Flask, current_app
 
-from flask_nucleon_amqp import AMQP, AMQPState
+from flask_nucleon_amqp import AMQP, AMQPState, current_amqp
 
 from conftest import Names, make_app
 
@@ -33,14 +33,30 @@ def test_application_factory_pattern(names: Names) -> None:
     assert first.extensions["amqp"] is not second.extensions["amqp"]
     queue = names.queue()
     with second.app_context():
-        amqp.queue_declare(queue)  # the current app's pools
-        amqp.publish("", queue, b"x")
+        amqp.state.queue_declare(queue)  # the current app's pools
+        amqp.state.publish("", queue, b"x")
         assert current_app.amqp.get_amqp_pool().connections()[0].is_open
     assert first.extensions["amqp"].get_amqp_pool().connections() == []
     with pytest.raises(RuntimeError, match="application context"):
         amqp.get_amqp_pool()  # two apps and no context: which one?
     for app in (first, second):
         app.extensions["amqp"].close()
+
+
+def test_current_amqp_is_the_typed_accessor_and_the_extension_forwards_nothing() -> None:
+    app = make_app()
+    amqp = AMQP(app)
+    with app.app_context():
+        assert current_amqp() is app.extensions["amqp"] is amqp.state
+        assert current_amqp().get_amqp_pool(type="listen") is current_amqp().pool("listen")
+    with pytest.raises(RuntimeError, match="application context"):
+        current_amqp()
+    with Flask("no_amqp").app_context(), pytest.raises(RuntimeError, match="AMQP\\(app\\)"):
+        current_amqp()
+    # The shortcuts are AMQPState's (typed); the extension object does not forward unknown names to it.
+    assert not hasattr(amqp, "publish") and not hasattr(amqp, "queue_declare")
+    assert AMQPState.basic_publish is AMQPState.publish
+    app.extensions["amqp"].close()
 
 
 def test_second_init_app_on_the_same_app_is_refused() -> None:

@@ -152,7 +152,6 @@ def test_start_listeners_false_leaves_them_to_flask_amqp_listen(names: Names, ap
     assert app.test_client().get("/").status_code == 200
     [listener] = state.listeners
     assert not listener.started and state.queue_declare(queue, passive=True)["consumer_count"] == 0
-    assert state.lifecycle is not None
     state.lifecycle.start_listeners()
     assert listener.consuming
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from flask import Flask, current_app
 from gevent.queue import Queue as GQueue
 
-from flask_nucleon_amqp import AMQP, AMQPState, Binding, Exchange, Message, NotFound, PukaConnection, Queue
+from flask_nucleon_amqp import AMQP, AMQPState, Binding, Exchange, Message, NotFound, PukaConnection, Queue, memory
 from flask_nucleon_amqp import listener as listener_module
 
 from _proxy import Proxy
@@ -205,15 +206,13 @@ def test_listener_consumes_again_after_the_broker_closes_its_connection(names: N
     assert listener.consuming
 
 
-def test_listener_comes_back_after_its_queue_is_deleted(
-        names: Names, state: AMQPState, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(listener_module, "SUPERVISE_INTERVAL", 0.05)
+def test_listener_comes_back_after_its_queue_is_deleted(names: Names, state: AMQPState) -> None:
     queue = names.queue()
     state.declare(Queue(queue))
     got: GQueue = GQueue()
     listener = state.register_and_spawn_amqp_listener(queue, lambda c, p, m: got.put(m.body))
     first_promise = listener.promise
-    state.queue_delete(queue)  # the broker cancels the consumer
+    state.queue_delete(queue)  # the broker cancels the consumer: signals.consumer_cancelled wakes the supervisor
     # The supervisor declares the queue again (it is in the topology) and consumes.
     assert wait_until(lambda: listener.consuming and listener.promise != first_promise, timeout=10)
     state.publish("", queue, b"back")
@@ -272,3 +271,107 @@ def test_stop_timeout_cuts_off_a_callback_and_requeues_its_message(names: Names,
     message = state.get(queue)
     assert message is not None and message.body == b"too slow" and message.redelivered
     message.ack()
+
+
+@pytest.fixture(params=["rabbitmq", "memory"])
+def any_state(request: pytest.FixtureRequest, names: Names) -> Iterator[AMQPState]:
+    """The state of an app on the real broker, or on a memory broker of this test's own."""
+    if request.param == "rabbitmq":
+        app = make_app()
+    else:
+        app = make_app(AMQP_URL=f"memory://listener-{names.run}")
+    AMQP(app)
+    yield app.extensions["amqp"]
+    app.extensions["amqp"].close(timeout=5)
+    if request.param == "memory":
+        memory.reset(f"listener-{names.run}")
+
+
+def test_a_poison_message_is_tried_about_once_a_second_while_the_others_flow(
+        names: Names, any_state: AMQPState, caplog: pytest.LogCaptureFixture) -> None:
+    """Default on_error="requeue": a callback that always raises on one message does not loop at full speed
+    (it was redelivered 3,143 times in 2 s), the good messages are all handled meanwhile, and the traceback
+    is logged once, then one line per 1, 2, 4... repeats."""
+    state = any_state
+    queue = names.queue()
+    state.queue_declare(queue)
+    poison_attempts: list[float] = []
+    good: GQueue = GQueue()
+
+    def handle(connection: PukaConnection, promise: int, message: Message) -> None:
+        if message.body == b"poison":
+            poison_attempts.append(time.monotonic())
+            raise ValueError("cannot handle this one")
+        good.put(message.body)
+
+    with caplog.at_level(logging.ERROR, logger="flask_nucleon_amqp.listener"):
+        listener = state.register_and_spawn_amqp_listener(queue, handle, concurrency=1)
+        state.publish("", queue, b"poison")
+        assert wait_until(lambda: len(poison_attempts) >= 1, timeout=10)
+        started = time.monotonic()
+        for i in range(50):  # one worker: they pass the held poison message, not wait for it
+            state.publish("", queue, f"good {i}")
+        received = {good.get(timeout=5) for _ in range(50)}
+        assert received == {f"good {i}".encode() for i in range(50)}
+        assert time.monotonic() - started < 3  # not behind the poison message
+        gevent.sleep(4.5 - (time.monotonic() - started))
+        window = time.monotonic() - poison_attempts[0]
+        attempts = len(poison_attempts)
+    assert 2 <= attempts <= window / listener_module.REQUEUE_DELAY + 2, (attempts, window)
+    failures = [r for r in caplog.records if "raised on delivery" in r.getMessage()]
+    with_traceback = [r for r in failures if r.exc_info is not None]
+    assert len(with_traceback) == 1 and "cannot handle this one" in caplog.text
+    repeats = [r.getMessage() for r in failures if r.exc_info is None]
+    assert repeats and all("the same error" in text for text in repeats)
+    assert "the same error 1 times" in repeats[0] and len(failures) <= attempts
+    assert listener.stats["handled"] == 50 and listener.stats["failed"] == attempts
+    listener.stop(timeout=5)  # the held poison message goes back to the queue at once
+    assert wait_until(lambda: _ready(state, queue) == 1, timeout=5)
+
+
+def test_listener_whose_queue_went_while_disconnected_consumes_again_when_it_is_back(
+        names: Names, state: AMQPState) -> None:
+    """The broker refuses to resume the consumer (queue gone) without a cancel notification: the supervisor
+    looks after the connection recovered, and consumes again once the queue exists again."""
+    queue = names.queue()
+    proxy = Proxy((BROKER_HOST, BROKER_PORT))
+    app = make_app(AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F")
+    AMQP(app)
+    proxied: AMQPState = app.extensions["amqp"]
+    got: GQueue = GQueue()
+    try:
+        state.queue_declare(queue)  # `state` talks to the broker directly
+        listener = proxied.register_and_spawn_amqp_listener(queue, lambda c, p, m: got.put(m.body))
+        proxy.refuse = True
+        proxy.cut()
+        assert wait_until(lambda: listener.connection is not None and not listener.connection.is_open)
+        state.queue_delete(queue)
+        proxy.refuse = False
+        assert wait_until(lambda: not listener.consuming, timeout=10)  # resume refused: NotFound
+        state.queue_declare(queue)
+        assert wait_until(lambda: listener.consuming, timeout=15)
+        state.publish("", queue, b"back again")
+        assert got.get(timeout=10) == b"back again"
+    finally:
+        proxied.close(timeout=5)
+        proxy.close()
+
+
+def test_a_quorum_queues_delivery_limit_ends_a_poison_message(names: Names, state: AMQPState) -> None:
+    """Each held-then-requeued attempt counts as a delivery (x-delivery-count): the broker drops the message
+    at the queue's x-delivery-limit, about one attempt a second until then."""
+    queue = names.queue()
+    state.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 2})
+    attempts: list[tuple[float, Any]] = []
+
+    def poison(connection: PukaConnection, promise: int, message: Message) -> None:
+        attempts.append((time.monotonic(), (message.headers or {}).get("x-delivery-count")))
+        raise ValueError("never works")
+
+    listener = state.register_and_spawn_amqp_listener(queue, poison)
+    state.publish("", queue, b"poison")
+    assert wait_until(lambda: len(attempts) == 3, timeout=10)
+    gevent.sleep(2.5)  # the third is held 1 s, requeued, and then dropped by the broker: no fourth attempt
+    assert [count for _, count in attempts] == [None, 1, 2]
+    assert _ready(state, queue) == 0 and listener.stats["failed"] == 3
+    assert attempts[2][0] - attempts[0][0] >= 2 * listener_module.REQUEUE_DELAY * 0.9

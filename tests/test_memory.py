@@ -25,11 +25,13 @@ from flask_nucleon_amqp import (
     MessageStateError,
     NotFound,
     PukaConnection,
+    _memory_broker,
     memory,
     signals,
 )
+from flask_nucleon_amqp._memory_routing import _erlang_equal, _headers_match, _topic_match, _words
 from flask_nucleon_amqp.config import read_config
-from flask_nucleon_amqp.memory import MemoryConnection, _erlang_equal, _headers_match, _topic_match, _words
+from flask_nucleon_amqp.memory import MemoryConnection
 
 from conftest import BROKER_URL, make_app, outcome, wait_until
 
@@ -102,13 +104,13 @@ def test_reset_empties_the_broker_and_connections_stay_usable(state: AMQPState, 
         conn.publish("x", "", b"after")
     conn.queue_declare("q")  # the same connection goes on
     assert conn.queue_declare("q", passive=True)["message_count"] == 0
-    assert broker_name in memory._brokers  # kept: connections are attached to it
+    assert broker_name in _memory_broker._brokers  # kept: connections are attached to it
 
 
 def test_reset_forgets_a_broker_nobody_uses(broker_name: str) -> None:
     memory.broker(broker_name).exchanges["left-over"] = memory.broker(broker_name).exchanges["amq.direct"]
     memory.reset(broker_name)
-    assert broker_name not in memory._brokers
+    assert broker_name not in _memory_broker._brokers
     assert "left-over" not in memory.broker(broker_name).exchanges
 
 
@@ -230,6 +232,26 @@ def test_on_open_hooks_run_on_every_open(state: AMQPState, broker_name: str) -> 
     assert wait_until(lambda: len(opened) == 2)
     assert opened == [conn, conn]
     assert conn.queue_declare("declared-on-open", passive=True)["queue"] == "declared-on-open"
+
+
+def test_retry_publishes_again_when_the_connection_is_lost(broker_name: str) -> None:
+    """As on RabbitMQ (tests/test_connection.py): a lost publish is reported, and ``retry=`` sends it again."""
+    app = _memory_app(broker_name, publish={"size": 1, "blocked_timeout": 10})
+    conn = app.extensions["amqp"].connection()
+    conn.queue_declare("q")
+    broker = memory.broker(broker_name)
+    broker.block("disk alarm")  # holds both publishes until the connection is gone
+    without_retry = gevent.spawn(outcome, conn.publish, "", "q", b"lost with its connection")
+    with_retry = gevent.spawn(outcome, conn.publish, "", "q", b"retried", retry=1)
+    gevent.sleep(0.05)
+    broker.disconnect("broker restart", connection=conn)
+    assert isinstance(without_retry.get(timeout=5), ConnectionLost)
+    gevent.sleep(0.05)
+    assert not with_retry.ready()  # published again on the new connection, which the alarm holds too
+    broker.unblock()
+    assert with_retry.get(timeout=5) is None
+    assert [m.body for m in iter(lambda: conn.get("q", no_ack=True), None)] == [b"retried"]
+    app.extensions["amqp"].close(timeout=5)
 
 
 def test_block_holds_publishers_until_unblock(state: AMQPState, broker_name: str) -> None:

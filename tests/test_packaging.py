@@ -19,8 +19,8 @@ import flask_nucleon_amqp
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = flask_nucleon_amqp.__version__
 #: Not part of a source tree: what `make`, pytest, mypy, ruff and builds leave behind.
-LEFT_BEHIND = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info", "_build", "__pycache__",
-                                     "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache")
+LEFT_BEHIND = shutil.ignore_patterns(".git", ".venv", ".venv-*", "venv", "build", "dist", "*.egg-info", "_build",
+                                     "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache")
 
 
 def _run(*command: str | Path, cwd: Path, timeout: float = 120) -> str:
@@ -55,6 +55,9 @@ def test_sdist_holds_the_tests_docs_and_example(dists: tuple[Path, Path]) -> Non
     for expected in ("README.md", "LICENSE", "app.cfg.example", "setup.py", "pyproject.toml", "MANIFEST.in",
                      "flask_nucleon_amqp/py.typed", "tests/conftest.py", "tests/test_docs_samples.py",
                      "example_app/app.py", "example_app/app.cfg", "example_app/gunicorn.conf.py",
+                     "example_app/page.py", "example_app/templates/chat.html", "example_app/static/chat.js",
+                     "example_app/static/chat.css", "example_app/.flaskenv", ".flaskenv", "docs/_static/chat.png",
+                     "scripts/test-all.sh", "scripts/ensure-browser.sh",
                      "docs/conf.py", "docs/index.rst", "docs/_ext/amqp_config.py"):
         assert expected in names, f"the sdist lacks {expected}"
     assert not [name for name in names if "__pycache__" in name or name.startswith("docs/_build")]

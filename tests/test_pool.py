@@ -7,8 +7,10 @@ import os
 import gevent
 import pytest
 
-from flask_nucleon_amqp import AMQP, ConnectionError, Pool
-from flask_nucleon_amqp.config import read_config
+from flask_nucleon_amqp import AMQP, ConfigError, Connection, ConnectionError, Pool, PukaConnection
+from flask_nucleon_amqp.config import PoolSettings, read_config
+from flask_nucleon_amqp.memory import MemoryConnection
+from flask_nucleon_amqp.pool import TRANSPORTS, transport_class
 
 from conftest import Names, make_app, wait_until
 
@@ -21,6 +23,37 @@ def test_connections_are_created_lazily_and_shared_round_robin() -> None:
     assert handed[0] is handed[3] is handed[6] and handed[1] is handed[4]
     assert not any(c.is_open for c in pool.connections())  # nothing opened until used
     pool.close()
+
+
+def test_the_url_scheme_picks_the_transport() -> None:
+    settings = read_config({"AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/%2F",
+                            "AMQP_POOLS": {"publish": {}, "tests": {"url": "memory://pool-tests"}}})
+    assert type(Pool(settings["publish"]).connection()) is PukaConnection
+    assert type(Pool(settings["tests"]).connection()) is MemoryConnection
+    assert {scheme: transport_class(scheme) for scheme in TRANSPORTS} == {
+        "amqp": PukaConnection, "amqps": PukaConnection, "memory": MemoryConnection}
+    with pytest.raises(ConfigError, match="no transport for URL scheme 'redis'"):
+        transport_class("redis")
+
+
+def test_a_pool_takes_a_connection_class(names: Names) -> None:
+    made: list[int] = []
+
+    class Counted(PukaConnection):
+        def __init__(self, settings: PoolSettings, index: int = 0) -> None:
+            super().__init__(settings, index)
+            made.append(index)
+
+    pool = Pool(read_config({"AMQP_POOLS": {"publish": {"size": 2}}})["publish"], connection_class=Counted)
+    try:
+        conn: Connection = pool.connection()
+        queue = names.queue()
+        conn.queue_declare(queue)
+        pool.connection().publish("", queue, b"through the second one")
+        assert made == [0, 1] and all(type(c) is Counted for c in pool.connections())
+        assert pool.health()["ok"] and pool.health()["server"].startswith("RabbitMQ")
+    finally:
+        pool.close()
 
 
 def test_connection_is_a_context_manager_that_does_not_close(app, names: Names) -> None:

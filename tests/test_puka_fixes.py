@@ -5,15 +5,30 @@ from __future__ import annotations
 import datetime
 import decimal
 import socket
+import subprocess
 import time
+import types
+import uuid
 
 import gevent
 import pytest
 from gevent.queue import Queue
+from puka import spec as puka_spec
+from puka import table as puka_table
 
-from flask_nucleon_amqp import AMQP, ConnectionError, PublishNacked, PukaConnection, Unroutable, _puka
+from flask_nucleon_amqp import (
+    AMQP,
+    ConnectionError,
+    NotFound,
+    PublishNacked,
+    PublishOutcomeUnknown,
+    PukaConnection,
+    Unroutable,
+    _codec,
+    _puka,
+)
 
-from conftest import BROKER_HOST, Names, make_app, wait_until
+from conftest import BROKER_HOST, BROKER_PORT, Names, make_app, wait_until
 
 
 def test_binary_bodies_round_trip_byte_exact(conn: PukaConnection, names: Names) -> None:  # D1
@@ -110,6 +125,37 @@ def test_unexpected_frames_are_dropped_not_fatal(conn: PukaConnection, names: Na
     assert conn.queue_declare(names.queue())["consumer_count"] == 0
 
 
+def test_methods_nobody_asked_for_are_dropped(conn: PukaConnection, names: Names) -> None:  # D9
+    # Two frames RabbitMQ may send unasked (after its own channel.close, or a second qos-ok):
+    # a method the promise has no handler for, and one for a channel no promise owns.
+    queue = names.queue()
+    conn.queue_declare(queue)
+    # The default exchange's publish channel opens now, not later from the free list (taking the channel below).
+    conn.publish("", queue, b"first")
+    got: Queue = Queue()
+    promise = conn.consume(queue, callback=lambda p, m: got.put(m))
+    first = got.get(timeout=10)
+    assert first.body == b"first"
+    first.ack()
+    conn.queue_declare(queue, passive=True)  # its channel goes back to puka's free list, owned by no promise
+    session = conn._session
+    assert session is not None
+    client = session.client
+    busy = client.channel_number(conn._consumers[promise].puka_number)
+    free = [channel.number for channel in client.channels.free_channels if channel.number not in (0, busy)]
+    assert busy is not None and free
+    qos = puka_spec.encode_basic_qos(0, 0, False)  # answered with a basic.qos-ok on the same channel
+    client.send_frames(busy, qos)  # the consumer's promise does not expect a qos-ok now
+    client.send_frames(free[0], qos)  # nobody owns this channel
+    session.schedule_flush()
+    conn.publish("", queue, b"still here")
+    message = got.get(timeout=10)
+    assert message.body == b"still here"
+    assert conn._session is session and conn.is_open  # neither frame killed the connection
+    message.ack()
+    conn.cancel(promise)
+
+
 def test_dead_client_raises_connection_broken_not_attribute_error() -> None:  # D12
     client = _puka.FixedClient("127.0.0.1", 1, "guest", "guest", "/")
     client.sd = None
@@ -132,6 +178,28 @@ def test_body_framing_uses_views_of_the_body() -> None:  # D16
     assert len(frames) == -(-len(body) // (131072 - 8))
     assert all(isinstance(payload, memoryview) and len(payload) <= 131072 - 8 for _, payload in frames)
     assert sum(len(payload) for _, payload in frames) == len(body)
+
+
+def test_a_shared_publish_channel_fails_the_others_as_outcome_unknown(
+        conn: PukaConnection, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:  # D23
+    """Beyond the per-exchange channels, exchanges share one: a 404 there is not the others' NotFound."""
+    monkeypatch.setattr(_puka.FixedClient, "x_exchange_channel_limit", 0)
+    queue, missing = names.queue(), names.exchange("absent")
+    conn.queue_declare(queue)
+    results: Queue = Queue()
+    batch = [("", b"g1"), (missing, b"bad"), ("", b"g2"), ("", b"g3")]
+    for exchange, body in batch:
+        conn.publish(exchange, queue, body, callback=lambda _p, result, body=body: results.put((body, result)))
+    outcomes = dict(results.get(timeout=10) for _ in batch)
+    assert isinstance(outcomes.pop(b"bad"), NotFound)
+    assert all(result == {} or isinstance(result, PublishOutcomeUnknown) for result in outcomes.values()), outcomes
+    assert any(isinstance(result, PublishOutcomeUnknown) for result in outcomes.values())  # g2, g3 were in flight
+    confirmed = {body for body, result in outcomes.items() if result == {}}
+    held = []
+    while (message := conn.get(queue, no_ack=True)) is not None:
+        held.append(message.body)
+    assert confirmed <= set(held) and len(held) == len(set(held))
+    conn.publish("", queue, b"after")  # the shared channel was reopened
 
 
 def test_cancel_right_after_consume_and_qos(conn: PukaConnection, names: Names) -> None:  # D17
@@ -166,14 +234,78 @@ def test_property_names_in_headers_stay_headers(conn: PukaConnection, names: Nam
     message.ack()
 
 
-def test_timestamp_header_decodes_without_deprecated_calls(conn: PukaConnection, names: Names) -> None:  # D27
+class _NoUtcFromTimestamp(datetime.datetime):
+    """datetime, minus utcfromtimestamp: deprecated from Python 3.12 (a warning there), failing here on any Python."""
+
+    @classmethod
+    def utcfromtimestamp(cls, _seconds: float) -> datetime.datetime:  # type: ignore[override]
+        raise AssertionError("the deprecated datetime.utcfromtimestamp was called")
+
+
+def test_timestamp_header_decodes_without_deprecated_calls(conn: PukaConnection, names: Names,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # D27
+    # puka decodes timestamps with datetime.utcfromtimestamp, which warns only from Python 3.12:
+    # on every Python, its module sees a datetime without it, so calling it fails the test.
+    monkeypatch.setattr(puka_table, "datetime", types.SimpleNamespace(datetime=_NoUtcFromTimestamp))
     queue = names.queue()
     conn.queue_declare(queue)
     when = datetime.datetime(2030, 6, 7, 8, 9, 10)
     conn.publish("", queue, b"x", headers={"when": when})
-    message = conn.get(queue)  # pytest turns any DeprecationWarning into an error
+    # Our codec decodes the headers now (puka's decoder is not on the delivery path): it must not call it either.
+    monkeypatch.setattr(_codec, "datetime", types.SimpleNamespace(
+        datetime=_NoUtcFromTimestamp, timedelta=datetime.timedelta, timezone=datetime.timezone, date=datetime.date))
+    message = conn.get(queue)
     assert message is not None and message.headers["when"] == when
     message.ack()
+
+
+def test_non_ascii_queue_arguments_and_client_properties(conn: PukaConnection, names: Names) -> None:  # D3
+    # puka packs a table string's len() in characters: a non-ASCII value makes a frame RabbitMQ
+    # refuses with 501 FRAME_ERROR, closing the whole connection.
+    dead_letters, queue, parked = names.exchange("échange-mort"), names.queue("file-d'attente"), names.queue("parké")
+    conn.exchange_declare(dead_letters, "fanout")
+    conn.queue_declare(parked)
+    conn.queue_bind(parked, dead_letters)
+    conn.queue_declare(queue, arguments={"x-dead-letter-exchange": dead_letters, "x-note": "ünïcode ✓"})
+    conn.publish("", queue, b"rejected")
+    message = conn.get(queue)
+    assert message is not None
+    message.reject(requeue=False)
+    dead = conn.consume(parked, timeout=10)
+    assert dead is not None and dead.body == b"rejected"
+    assert dead.headers["x-death"][0]["queue"] == queue  # RabbitMQ read the exchange name right
+    dead.ack()
+    assert conn.is_open
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+def test_non_ascii_credentials_and_vhost(names: Names) -> None:  # D4
+    # puka packs len() of str credentials and vhost: characters, not bytes. A user, password and
+    # vhost with non-ASCII characters, made for this test and removed after it.
+    tag = uuid.uuid4().hex[:8]
+    user, password, vhost = f"usér-{tag}", f"mot-de-passe-é-{tag}", f"hôte-{tag}"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("add_user", user, password)
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        app = make_app(AMQP_POOLS={"publish": {"host": BROKER_HOST, "port": BROKER_PORT, "user": user,
+                                               "password": password, "vhost": vhost}})
+        AMQP(app)
+        state = app.extensions["amqp"]
+        try:
+            conn = state.connection("publish")
+            queue = conn.queue_declare("", exclusive=True)["queue"]
+            conn.publish("", queue, b"in the vhost")
+            message = conn.get(queue)
+            assert message is not None and message.body == b"in the vhost"
+        finally:
+            state.close(timeout=5)
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=120)
+        _rabbitmqctl("delete_vhost", vhost)
 
 
 def test_garbage_from_the_peer_fails_fast_instead_of_poisoning(names: Names) -> None:  # D2, D13

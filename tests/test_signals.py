@@ -45,14 +45,15 @@ def test_publish_confirm_return_receive_ack_reject(conn: PukaConnection, names: 
     received[:] = [event for event in received if event[1] is conn]  # other tests' connections may linger
     kinds = [name for name, _, _ in received]
     assert kinds == ["message_published", "message_confirmed", "message_published", "message_returned",
-                     "message_received", "message_rejected", "message_received", "message_acked"]
+                     "publish_failed", "message_received", "message_rejected", "message_received", "message_acked"]
     assert all(sender is conn for _, sender, _ in received)
     published = received[0][2]
     assert published == {"exchange": "", "routing_key": queue, "body_size": 5, "body": b"12345", "properties": {}}
     assert received[1][2]["seconds"] > 0
     assert isinstance(received[3][2]["error"], Unroutable)
-    assert received[5][2]["requeue"] is True and received[5][2]["message"] is first
-    assert received[7][2]["message"] is second
+    assert received[4][2] == {"exchange": exchange, "routing_key": "rk", "error": received[3][2]["error"]}
+    assert received[6][2]["requeue"] is True and received[6][2]["message"] is first
+    assert received[8][2]["message"] is second
     stats = conn.stats
     assert (stats["published"], stats["confirmed"], stats["failed"]) == (2, 1, 1)
     assert (stats["delivered"], stats["acked"], stats["rejected"]) == (2, 1, 1)

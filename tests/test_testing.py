@@ -7,6 +7,8 @@ real broker and against the memory transport.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -267,3 +269,45 @@ def test_memory_url_with_names_leaves_nothing_behind(pytester: pytest.Pytester) 
     result.assert_outcomes(passed=1)
     name = (pytester.path / "url.txt").read_text().removeprefix("memory://")
     assert memory.find(name) is None  # reset by amqp_memory_url, and not brought back by amqp_names
+
+
+WITHOUT_PYTEST = '''
+import sys
+
+sys.modules["pytest"] = None  # `import pytest` now raises ImportError, as where pytest is not installed
+sys.modules["_pytest"] = None
+try:
+    import pytest  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("pytest is still importable")
+
+from flask import Flask
+
+from flask_nucleon_amqp import AMQP
+from flask_nucleon_amqp.testing import AMQPNames, record_messages, wait_for_messages
+
+app = Flask("without_pytest")
+app.config.update(AMQP_URL=sys.argv[1], AMQP_POOLS={"publish": {"size": 1}, "listen": {"size": 1}})
+AMQP(app)
+names = AMQPNames().use(app)
+queue = names.queue("no-pytest")
+app.amqp.queue_declare(queue)
+with record_messages(app) as published:
+    app.amqp.publish("", queue, b"hello")
+[message] = wait_for_messages(queue, 1, timeout=5, connection=app.amqp.connection("listen"))
+print(len(published), published[0].routing_key == queue, message.body.decode())
+names.cleanup(app.amqp.connection())
+app.amqp.close(timeout=5)
+print("pytest" in sys.modules and sys.modules["pytest"] is not None)
+'''
+
+
+def test_helpers_import_and_work_without_pytest(tmp_path: Any) -> None:
+    """README: the helpers work without pytest; only the fixtures need it."""
+    script = tmp_path / "without_pytest.py"
+    script.write_text(WITHOUT_PYTEST)
+    result = subprocess.run([sys.executable, str(script), BROKER_URL], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["1 True hello", "False"]
