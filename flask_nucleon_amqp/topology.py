@@ -414,7 +414,7 @@ class Topology:
             log.exception("re-declaring the AMQP topology after (re)connecting failed")
 
 
-def _broker(conn: PukaConnection) -> tuple[Any, ...]:
+def _broker(conn: Connection) -> tuple[Any, ...]:
     settings = conn.settings
     return (settings.transport, settings.nodes, settings.vhost)
 
