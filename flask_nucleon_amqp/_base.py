@@ -267,7 +267,7 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
             try:
                 session = self._open()
                 self.stats["recovered"] += 1
-                self._log.info("recovered connection to %s after %.3fs", self.settings.safe_url(),
+                self._log.info("recovered connection to %s after %.3fs", self.settings.safe_url(session.node),
                                time.monotonic() - self._lost_at)
                 _emit(signals.connection_recovered, self, node=str(session.node))
                 return

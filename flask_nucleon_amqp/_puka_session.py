@@ -12,6 +12,7 @@ ends, every waiter of the client gets an error and the owning
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections import deque
@@ -55,7 +56,9 @@ class _PukaSession(_BaseSession):
             address, node.port, settings.user, settings.password, settings.vhost,
             heartbeat=int(settings.heartbeat),
             ssl_context=settings.tls.context() if settings.tls else None,
-            server_hostname=node.host, client_properties=_CLIENT_PROPERTIES)
+            server_hostname=node.host, client_properties={
+                # Shown by the broker (management UI, list_connections): which process holds it.
+                **_CLIENT_PROPERTIES, "connection_name": f"{settings.name}[{owner.index}] pid {os.getpid()}"})
         self.client.x_on_blocked = owner._on_blocked
         self.client.x_on_fail = self._client_failed
         self.client.x_on_nack_streak = self._nacked_throughout

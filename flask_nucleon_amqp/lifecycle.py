@@ -20,6 +20,12 @@ register the ``@amqp.listener`` listeners, starting them unless
 ``AMQP_START_LISTENERS`` is False. If any step raises, the listeners started so
 far are stopped and every later request raises :class:`InitialisationError`
 with the cause: the process does not serve half-started.
+
+A stop request (:meth:`Lifecycle.request_stop`, :meth:`Lifecycle.stop`) may
+come at any moment, also while initialising (a gunicorn worker told to stop
+as it boots): the step in progress is abandoned at once (whatever it waits
+on, a connection opening or a declaration, is interrupted), no later step
+runs and nothing starts any more; what started is stopped by :meth:`Lifecycle.stop`.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import gevent
 import gevent.lock
 from flask import Flask
+from gevent.event import Event
 
 from .exceptions import AMQPError, ConnectionError, Timeout
 from .listener import Listener, ListenerOptions, MessageCallback, callback_name
@@ -69,6 +77,10 @@ def on_initialise(handler: Handler) -> Handler:
 
 class InitialisationError(AMQPError, RuntimeError):
     """Initialising the process failed; it will not serve until restarted. ``__cause__`` is why."""
+
+
+class _Abandoned(gevent.GreenletExit):  # type: ignore[misc]
+    """Thrown into the greenlet that initialises when a stop is requested meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,11 @@ class Lifecycle:
         self._error: InitialisationError | None = None
         self._start_new_listeners = True
         self.listeners: list[Listener] = []
+        #: Set by a stop request: start-up is abandoned, nothing starts any more.
+        self.stopping = False
+        self._runner: Any = None  # the greenlet running the steps, while _running
+        self._not_running = Event()
+        self._not_running.set()
 
     @property
     def runtime(self) -> Runtime:
@@ -158,7 +175,12 @@ class Lifecycle:
         if not self._done:
             with self._lock:  # concurrent first requests wait here for the one that runs the handlers
                 if not self._done and not self._running:  # _running: re-entered from a handler
-                    self._run_steps(self.autostart if start_listeners is None else start_listeners)
+                    if self.stopping:
+                        self._error = InitialisationError(
+                            f"AMQP initialisation of app {self.app.name!r} did not run: the process is stopping")
+                        self._done = True
+                    else:
+                        self._run_steps(self.autostart if start_listeners is None else start_listeners)
         if self._error is not None:
             # A new exception each time: re-raising one object would grow its traceback per request.
             raise InitialisationError(str(self._error)) from self._error.__cause__
@@ -166,21 +188,31 @@ class Lifecycle:
     def _run_steps(self, start_listeners: bool) -> None:
         """Declare, run the handlers, register (and maybe start) the listeners; remember a failure."""
         self._running = True
+        self._runner = gevent.getcurrent()
+        self._not_running.clear()
         self._start_new_listeners = start_listeners
         step = "declaring the topology"
         try:
             self._declare_at_start()
             for handler in [*_global_handlers, *self.registry.handlers]:
+                self._check_stopping()
                 step = f"on_initialise handler {callback_name(handler)}"
                 with self.app.app_context():
                     handler()
             for spec in self.registry.listeners:
+                self._check_stopping()
                 step = f"starting the listener on {spec.queue!r}"
                 self.register_listener(spec.queue, spec.callback, spec.options)
             if start_listeners:
+                self._check_stopping()
                 step = "starting the background services"
                 self.start_services()
+        except _Abandoned:
+            self._error = InitialisationError(f"AMQP initialisation of app {self.app.name!r} was abandoned in "
+                                              f"{step}: the process is stopping")
+            log.info("%s", self._error)
         except Exception as exc:
+            self._runner = None  # not interrupted while it cleans up
             self._error = InitialisationError(
                 f"AMQP initialisation of app {self.app.name!r} failed in {step}: {exc}; "
                 "this process will not serve requests until it is restarted")
@@ -189,8 +221,18 @@ class Lifecycle:
             self._stop_listeners(timeout=min(self.shutdown_timeout, 2.0))
         finally:
             self._running = False
+            self._runner = None
             self._start_new_listeners = True
             self._done = True
+            self._not_running.set()
+
+    def _check_stopping(self) -> None:
+        if self.stopping:  # a step swallowed the interruption: the next one does not run
+            raise _Abandoned
+
+    def _check_running_step(self) -> None:
+        if self._running and self._runner is gevent.getcurrent():
+            raise _Abandoned  # a handler registering a listener while the process stops
 
     def _declare_at_start(self) -> None:
         if not self.declare:
@@ -215,12 +257,16 @@ class Lifecycle:
         self._this_process()
         listener = Listener(self.app, queue, callback, options or ListenerOptions(), self.connect,
                             topology=self.topology, redeclare=self.declare)
+        if self.stopping and self._start_new_listeners:
+            self._check_running_step()
+            raise RuntimeError(f"app {self.app.name!r} is stopping: the listener on {queue!r} was not started")
         self.listeners.append(listener)
         if self._start_new_listeners:
             try:
                 listener.start()
             except BaseException:
-                self.listeners.remove(listener)
+                if not listener.started:  # interrupted while starting, it is stopped with the others
+                    self.listeners.remove(listener)
                 raise
         else:
             listener.register_declarations()  # `flask amqp declare` declares its retry queues
@@ -231,7 +277,7 @@ class Lifecycle:
         """Start every registered listener not started yet (``flask amqp listen``)."""
         self._this_process()
         for listener in self.listeners:
-            if not listener.started:
+            if not listener.started and not self.stopping:
                 listener.start()
         self.start_services()
         return list(self.listeners)
@@ -248,12 +294,34 @@ class Lifecycle:
         for listener in list(self.listeners):
             listener.cancel()
 
+    def request_stop(self) -> None:
+        """Abandon start-up in progress and start nothing more; safe from a signal handler (never blocks)."""
+        if self._pid != os.getpid():
+            return
+        self.stopping = True
+        if not self.runtime.is_home():  # the steps run in the home hub: interrupt them there
+            self.runtime.submit(self.request_stop)
+            return
+        runner = self._runner
+        if self._running and runner is not None and runner is not gevent.getcurrent():
+            gevent.get_hub().loop.run_callback(self._interrupt, runner)
+
+    def _interrupt(self, runner: Any) -> None:
+        # A hub callback: nothing runs between this check and the throw, so a runner that
+        # finished meanwhile is never hit (it may be the main greenlet, serving by now).
+        if self._running and self._runner is runner and not runner.dead:
+            runner.throw(_Abandoned)
+
     @in_hub
     def stop(self, timeout: float | None = None) -> bool:
-        """Stop every listener gracefully; True when every running callback finished in time."""
+        """Abandon start-up, stop every listener gracefully; True when every running callback finished in time."""
         if self._pid != os.getpid():
             return True
-        return self._stop_listeners(self.shutdown_timeout if timeout is None else timeout)
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        self.request_stop()
+        if self._runner is not gevent.getcurrent():
+            self._not_running.wait(min(timeout, 5.0))  # the abandoned step winds up (listeners it started)
+        return self._stop_listeners(timeout)
 
     def _stop_listeners(self, timeout: float) -> bool:
         listeners = [listener for listener in self.listeners if listener.started]

@@ -16,6 +16,7 @@ Unlike ``queue_declare``, whose AMQP defaults are transient, these values are
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -261,6 +262,8 @@ class Topology:
     def __init__(self, *declarations: Declaration) -> None:
         self._own: dict[tuple[str, ...], Declaration] = {}
         self._included: list[Topology] = []
+        #: Per broker: (pid, everything) last declared there in full by that process.
+        self._declared: dict[tuple[Any, ...], tuple[int, tuple[Declaration, ...]]] = {}
         self.add(*declarations)
 
     def add(self, *declarations: Declaration) -> Topology:
@@ -338,6 +341,8 @@ class Topology:
             except ChannelError as exc:
                 raise _naming(exc, f"cannot declare {declaration.describe()}") from exc
             declared.append(declaration)
+        if only is None:
+            self._declared[_broker(conn)] = (os.getpid(), tuple(declared))
         return declared
 
     def delete(self, conn: Connection) -> list[Declaration]:
@@ -396,12 +401,22 @@ class Topology:
 
         A conflict is logged, not raised: raising here would fail whatever
         operation happened to open the connection. Connection errors propagate,
-        so the reconnect is retried.
+        so the reconnect is retried. A connection opening for the first time
+        skips it when this process declared the same topology on that broker
+        already: a worker opens several connections as it boots, and a storm of
+        restarting workers should not declare everything once per connection.
         """
+        if conn.stats["lost"] == 0 and self._declared.get(_broker(conn)) == (os.getpid(), tuple(self)):
+            return
         try:
             self.declare(conn)
         except ChannelError:
             log.exception("re-declaring the AMQP topology after (re)connecting failed")
+
+
+def _broker(conn: Connection) -> tuple[Any, ...]:
+    settings = conn.settings
+    return (settings.transport, settings.nodes, settings.vhost)
 
 
 # -- checking -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -762,6 +763,27 @@ def test_a_long_held_message_stops_ack_tracking_for_its_channel(names: Names) ->
     conn.cancel(promise)
     app.extensions["amqp"].close()
     _only_message_left(queue, got[0].body)
+
+
+def test_recovered_connection_log_names_the_node_it_reached(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as sock:  # a port nothing listens on: the first node of the list is down
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    nodes = [f"amqp://guest:guest@127.0.0.1:{dead_port}/%2F", BROKER_URL]
+    app = make_app(AMQP_POOLS={"publish": {"size": 1, "url": nodes}, "listen": {"size": 1}})
+    AMQP(app)
+    conn = app.extensions["amqp"].connection()
+    try:
+        conn.queue_declare("", exclusive=True)  # opens on the second node, the only live one
+        with caplog.at_level("INFO", logger="flask_nucleon_amqp.connection"):
+            close_broker_connection(conn)
+            assert wait_until(lambda: conn.stats["recovered"] == 1, timeout=30)
+        recovered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recovered connection")]
+        assert len(recovered) == 1, recovered
+        assert re.fullmatch(rf"recovered connection to amqp://guest:\*\*\*@{re.escape(BROKER_HOST)}:{BROKER_PORT}/%2F "
+                            r"after \d+\.\d{3}s", recovered[0]), recovered
+    finally:
+        app.extensions["amqp"].close(timeout=5)
 
 
 def _burst(mode: str) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,7 +200,7 @@ def test_gunicorn_hooks_initialise_at_boot_and_close_at_exit(names: Names, apps:
         wsgi = app
         pid = os.getpid()
 
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)}
     try:
         post_worker_init(Worker())
         state: AMQPState = app.extensions["amqp"]
@@ -211,4 +212,52 @@ def test_gunicorn_hooks_initialise_at_boot_and_close_at_exit(names: Names, apps:
         worker_exit(None, Worker())
         assert state.closed and not state.listeners[0].consuming
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_a_stop_request_abandons_start_up_in_progress(names: Names, apps: list[Flask]) -> None:
+    queue = names.queue()
+    amqp = AMQP()
+    entered: list[bool] = []
+
+    @amqp.on_initialise
+    def slow_start() -> None:
+        entered.append(True)
+        gevent.sleep(30)  # as a handler waiting on something that does not come
+
+    amqp.listener(queue)(lambda c, p, m: None)
+    app = _app(apps, amqp, AMQP_TOPOLOGY={"queues": {queue: {}}})
+    state: AMQPState = app.extensions["amqp"]
+    assert state.lifecycle is not None
+    gevent.spawn_later(0.3, state.lifecycle.request_stop)  # as the SIGTERM handler does
+    started = time.monotonic()
+    with pytest.raises(InitialisationError, match="abandoned in on_initialise handler .*slow_start"):
+        state.initialise()
+    assert time.monotonic() - started < 5
+    assert entered == [True] and state.listeners == []  # the listener after it never started
+    with pytest.raises(RuntimeError, match="is stopping: the listener on"):
+        state.register_and_spawn_amqp_listener(queue, lambda c, p, m: None)
+    assert state.queue_declare(queue, passive=True)["consumer_count"] == 0
+
+
+def test_a_worker_told_to_stop_before_post_worker_init_does_not_initialise(apps: list[Flask]) -> None:
+    amqp = AMQP()
+    ran: list[bool] = []
+    amqp.on_initialise(lambda: ran.append(True))
+    app = _app(apps, amqp)
+
+    class Worker:  # SIGTERM came while gunicorn loaded the app
+        wsgi = app
+        pid = os.getpid()
+        alive = False
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)}
+    try:
+        post_worker_init(Worker())
+        assert ran == [] and app.extensions["amqp"].lifecycle.stopping
+        worker_exit(None, Worker())
+        assert app.extensions["amqp"].closed
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

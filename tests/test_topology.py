@@ -235,6 +235,31 @@ def test_topology_is_declared_again_after_a_reconnect(names: Names) -> None:
         state.close(timeout=5)
 
 
+def test_other_connections_opening_at_boot_do_not_declare_it_again(names: Names) -> None:
+    queue = names.queue("transient")
+    app = make_app(AMQP_TOPOLOGY={"queues": {queue: {"durable": False}}},
+                   AMQP_POOLS={"publish": {"size": 2}, "listen": {"size": 1}})
+    AMQP(app)
+    state: AMQPState = app.extensions["amqp"]
+    try:
+        state.initialise()  # declares it once, on the first publish connection
+        other = make_app(AMQP_POOLS={"publish": {"size": 1}})
+        AMQP(other)
+        other.extensions["amqp"].queue_delete(queue)
+        other.extensions["amqp"].close(timeout=5)
+        first_open = [state.connection("publish"), state.connection("listen")]  # the other two
+        assert [conn.stats["opened"] for conn in first_open] == [0, 0]
+        for conn in first_open:
+            conn.queue_declare("", exclusive=True)  # opens it: the topology is not declared once more
+        assert not _exists(state, queue)
+        listen = state.connection("listen")
+        close_broker_connection(listen, "topology test")
+        assert wait_until(lambda: listen.is_open and listen.stats["recovered"] >= 1, timeout=15)
+        assert _exists(state, queue)  # after a reconnect it is
+    finally:
+        state.close(timeout=5)
+
+
 def test_declare_on_start_false_declares_nothing(names: Names) -> None:
     queue = names.queue()
     app: Flask = make_app(AMQP_TOPOLOGY={"queues": {queue: {}}}, AMQP_DECLARE_ON_START=False)
