@@ -27,7 +27,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from flask_nucleon_amqp import AMQP, AMQPState, Message, NotFound, PukaConnection, Unroutable, memory, tracing
+from flask_nucleon_amqp import (
+    AMQP,
+    AMQPState,
+    Connection,
+    Message,
+    NotFound,
+    Unroutable,
+    memory,
+    tracing,
+)
 from flask_nucleon_amqp.cli import amqp_cli
 
 from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, make_app, wait_until
@@ -157,7 +166,7 @@ def test_a_requeued_message_records_its_exception_and_outcome(
     queue = names.queue()
     state.queue_declare(queue)
 
-    def flaky(connection: PukaConnection, promise: int, message: Message) -> None:
+    def flaky(connection: Connection, promise: int, message: Message) -> None:
         if not message.redelivered:
             raise ValueError("first time fails")
 
@@ -182,7 +191,7 @@ def test_rejected_retried_and_dead_lettered_outcomes(names: Names, state: AMQPSt
     state.queue_declare(rejecting)
     state.queue_declare(retrying)
 
-    def fails(connection: PukaConnection, promise: int, message: Message) -> None:
+    def fails(connection: Connection, promise: int, message: Message) -> None:
         raise RuntimeError("no")
 
     state.register_and_spawn_amqp_listener(rejecting, fails, on_error="reject")
