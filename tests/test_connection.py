@@ -256,10 +256,10 @@ def test_cancel_requeues_undelivered_and_keeps_held_ackable(conn: PukaConnection
     conn.queue_declare(queue)
     for i in range(20):
         conn.publish("", queue, str(i))
-    held: list[object] = []
+    held: list[Message] = []
     gate = gevent.event.Event()
 
-    def slow(promise: int, message: object) -> None:
+    def slow(promise: int, message: Message) -> None:
         held.append(message)
         gate.wait()
 

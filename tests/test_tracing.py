@@ -206,7 +206,8 @@ def test_rejected_retried_and_dead_lettered_outcomes(names: Names, state: AMQPSt
     assert outcomes == {(f"process {rejecting}", "rejected"), (f"process {retrying}", "retried"),
                         (f"process {retrying}", "dead-lettered")}
     # The retry is published from inside the first attempt's span, and the second attempt continues it.
-    first, second = sorted((s for s in processed if s.name == f"process {retrying}"), key=lambda s: cast(int, s.start_time))
+    first, second = sorted((s for s in processed if s.name == f"process {retrying}"),
+                           key=lambda s: cast(int, s.start_time))
     republish = [s for s in _named(spans, "publish ", 4) if _parent_id(s) == first.context.span_id]
     assert len(republish) == 1 and _parent_id(second) == republish[0].context.span_id
     assert len({first.context.trace_id, second.context.trace_id}) == 1
