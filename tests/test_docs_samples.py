@@ -95,7 +95,8 @@ def say_hello_in_background(room: str) -> int:
             log.info("message %d confirmed", promise)
 
     conn = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
-    return conn.publish(exchange=room, routing_key="user1", body="WithHello1", callback=sent)
+    promise: int = conn.publish(exchange=room, routing_key="user1", body="WithHello1", callback=sent)
+    return promise
 
 
 def place_order(exchange: str, order: dict[str, Any]) -> bool:
@@ -143,7 +144,7 @@ def test_publish_with_options(app: Flask, amqp_names: AMQPNames) -> None:
 def receive_one(queue: str) -> str | None:
     """Receive synchronously: the first message of the queue, waiting up to a second for one."""
     conn = current_app.amqp.get_amqp_pool(type="listen").connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
-    message = conn.consume(queue=queue, timeout=1)
+    message: Message | None = conn.consume(queue=queue, timeout=1)
     if message is None:
         return None
     log.info("received %r with headers %r", message["body"], message["headers"])
@@ -153,7 +154,7 @@ def receive_one(queue: str) -> str | None:
 
 def drain(queue: str, limit: int = 100) -> list[Message]:
     """Take what is in the queue now, without waiting (basic.get)."""
-    messages = []
+    messages: list[Message] = []
     while len(messages) < limit:
         message = current_app.amqp.get(queue)  # type: ignore[attr-defined]  # None when the queue is empty
         if message is None:
@@ -171,7 +172,8 @@ def start_consumer(queue: str, inbox: list[bytes]) -> int:
         message.ack()
 
     conn = current_app.amqp.get_amqp_pool(type="listen").connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
-    return conn.consume(queue, callback=on_message, prefetch_count=100)
+    promise: int = conn.consume(queue, callback=on_message, prefetch_count=100)
+    return promise
 
 
 def stop_consumer(promise: int) -> None:
@@ -346,14 +348,16 @@ def serve_squares(queue: str) -> int:
         conn.publish("", message.reply_to, json={"square": n * n}, correlation_id=message.correlation_id)
         message.ack()
 
-    return conn.consume(queue, callback=answer)
+    promise: int = conn.consume(queue, callback=answer)
+    return promise
 
 
 def square(queue: str, n: int) -> int:
     """The client side: publish a request and wait for its reply (RabbitMQ's direct reply-to)."""
     conn = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
     reply = conn.call("", queue, json={"n": n}, timeout=5)  # Timeout when no reply comes in time
-    return reply.json()["square"]
+    square: int = reply.json()["square"]
+    return square
 
 
 def test_request_reply(app: Flask, amqp_names: AMQPNames) -> None:
