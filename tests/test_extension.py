@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from flask import Flask, current_app
+from flask.testing import FlaskClient
 
 from flask_nucleon_amqp import AMQP, AMQPState, current_amqp
 
@@ -84,17 +87,17 @@ def test_extra_pools_and_config_defaults(names: Names) -> None:
     state.close()
 
 
-def test_request_handlers_use_current_app_amqp(app: Flask, client, names: Names) -> None:
+def test_request_handlers_use_current_app_amqp(app: Flask, client: FlaskClient, names: Names) -> None:
     queue = names.queue()
     app.extensions["amqp"].queue_declare(queue)
 
     @app.post("/send/<text>")
-    def send(text: str) -> dict:
+    def send(text: str) -> dict[str, Any]:
         current_app.amqp.publish("", queue, text)  # type: ignore[attr-defined]  # Nucleon's name for the state
         return {"sent": text}
 
     @app.get("/receive")
-    def receive() -> dict:
+    def receive() -> dict[str, Any]:
         message = current_app.amqp.consume(queue, timeout=5)  # type: ignore[attr-defined]  # Nucleon's name for the state
         current_app.amqp.ack(message)  # type: ignore[attr-defined]  # Nucleon's name for the state
         return {"body": message.text}
@@ -111,15 +114,16 @@ def test_close_is_idempotent_and_never_raises(app: Flask) -> None:
     assert state.closed
 
 
-def test_health_report_for_a_healthz_route(app: Flask, client) -> None:
+def test_health_report_for_a_healthz_route(app: Flask, client: FlaskClient) -> None:
     from conftest import wait_until
 
     @app.get("/healthz")
-    def healthz() -> tuple:
+    def healthz() -> tuple[dict[str, Any], int]:
         report = current_app.amqp.health()  # type: ignore[attr-defined]  # Nucleon's name for the state
         return report, 200 if report["ok"] else 503
 
     assert wait_until(lambda: client.get("/healthz").status_code == 200, timeout=10)
     report = client.get("/healthz").json
+    assert report is not None
     assert set(report["pools"]) == {"publish", "listen"} and report["ok"] is True
     assert all(pool["ok"] and pool["server"].startswith("RabbitMQ") for pool in report["pools"].values())
