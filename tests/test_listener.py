@@ -54,7 +54,7 @@ def test_nucleon_pattern_callback_gets_connection_promise_message_in_app_context
     seen: GQueue = GQueue()
 
     def recv_callback(connection: Connection, promise: int, result: Message) -> None:
-        seen.put((connection, promise, result["body"], current_app._get_current_object()))
+        seen.put((connection, promise, result["body"], current_app._get_current_object()))  # type: ignore[attr-defined]  # a LocalProxy
         connection.ack(result)  # as the Nucleon document does: no double ack follows
 
     listener = state.register_and_spawn_amqp_listener(queue, recv_callback)
