@@ -51,7 +51,7 @@ $(LINT_STAMP): $(STAMP)
 check-fixes: venv broker  ## revert each puka fix in turn (in a temp copy) and check that its tests fail
 	$(VENV)/bin/python scripts/check_fixes.py
 
-lint: $(LINT_STAMP)  ## ruff, and mypy --strict on the package (settings in pyproject.toml)
+lint: $(LINT_STAMP)  ## ruff, and mypy --strict on the package and the tests (settings in pyproject.toml)
 	$(VENV)/bin/ruff check flask_nucleon_amqp tests example_app bench
 	$(VENV)/bin/mypy
 

@@ -29,7 +29,7 @@ def create_app() -> Flask:
     amqp = AMQP()
 
     def report(event: str, **fields: Any) -> None:
-        current_app.amqp.publish("", results, json={"event": event, "pid": os.getpid(), **fields})
+        current_app.amqp.publish("", results, json={"event": event, "pid": os.getpid(), **fields})  # type: ignore[attr-defined]  # Nucleon's name for the state
 
     @amqp.on_initialise
     def announce() -> None:
@@ -47,6 +47,6 @@ def create_app() -> Flask:
 
     @app.get("/pid")
     def pid() -> Any:
-        return {"pid": os.getpid(), "consuming": [listener.consuming for listener in current_app.amqp.listeners]}
+        return {"pid": os.getpid(), "consuming": [listener.consuming for listener in current_app.amqp.listeners]}  # type: ignore[attr-defined]  # Nucleon's name for the state
 
     return app

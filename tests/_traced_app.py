@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 EXAMPLE = Path(__file__).parent.parent / "example_app"
 
 
-class FileExporter(SpanExporter):  # type: ignore[misc]
+class FileExporter(SpanExporter):
     """Appends each finished span to a file as one JSON line."""
 
     def __init__(self, path: str, service: str) -> None:
@@ -50,10 +50,10 @@ def create_app() -> Flask:
     provider.add_span_processor(SimpleSpanProcessor(FileExporter(os.environ["TRACE_FILE"], service)))
     trace.set_tracer_provider(provider)
     sys.path.insert(0, str(EXAMPLE))
-    from app import create_app as create_chat_app
+    from app import create_app as create_chat_app  # type: ignore[import-not-found]  # example_app, on sys.path
 
-    app = create_chat_app()
-    FlaskInstrumentor().instrument_app(app)
+    app: Flask = create_chat_app()
+    FlaskInstrumentor().instrument_app(app)  # type: ignore[no-untyped-call]  # untyped library
     return app
 
 

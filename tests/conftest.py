@@ -7,13 +7,13 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import gevent
 import pytest
 from flask import Flask
 
-from flask_nucleon_amqp import AMQP, AMQPState, PukaConnection
+from flask_nucleon_amqp import AMQP, AMQPState, Connection, PukaConnection
 
 BROKER_HOST = os.environ.get("AMQP_TEST_HOST", "127.0.0.1")
 BROKER_PORT = int(os.environ.get("AMQP_TEST_PORT", "5672"))
@@ -72,7 +72,7 @@ def amqp(app: Flask) -> AMQPState:
 
 @pytest.fixture
 def conn(amqp: AMQPState) -> PukaConnection:
-    return amqp.get_amqp_pool().connection()
+    return cast(PukaConnection, amqp.get_amqp_pool().connection())  # the broker tests run puka connections
 
 
 class Names:
@@ -115,9 +115,9 @@ def names() -> Iterator[Names]:
     names.cleanup()
 
 
-def close_broker_connection(conn: PukaConnection, why: str = "test") -> None:
+def close_broker_connection(conn: Connection, why: str = "test") -> None:
     """Make the broker close this connection (320 CONNECTION_FORCED), as an operator would."""
-    session = conn._session
+    session = cast(PukaConnection, conn)._session
     assert session is not None and session.alive
     local_port = session.client.sd.getsockname()[1]
     listing = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "peer_port"], check=True,

@@ -15,7 +15,7 @@ import decimal
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -169,6 +169,7 @@ def test_server_named_queue_lives_with_its_connection(spare: Any, other: Any) ->
 
 def test_exclusive_queue_is_locked_to_other_connections(c: Any, other: Any) -> None:
     name = c.queue_declare("", exclusive=True)["queue"]
+    operation: Callable[[], object]
     for operation in (lambda: other.queue_declare(name, passive=True), lambda: other.get(name),
                       lambda: other.queue_purge(name), lambda: other.queue_delete(name),
                       lambda: other.queue_bind(name, "amq.direct", "k"),
@@ -221,6 +222,7 @@ def test_exchange_declare_conflicts(c: Any, n: AMQPNames) -> None:
         c.exchange_declare("amq.direct", "direct")
     with pytest.raises(AccessRefused, match="reserved prefix"):
         c.exchange_declare("amq.mine-" + n.run, "direct")
+    operation: Callable[[], object]
     for operation in (lambda: c.exchange_declare("", "direct"), lambda: c.exchange_delete(""),
                       lambda: c.queue_bind(queue, "", "k"), lambda: c.exchange_bind(exchange, "", "k")):
         with pytest.raises(AccessRefused, match="default exchange"):

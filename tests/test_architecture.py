@@ -158,7 +158,7 @@ PUKA_HANDLES = frozenset({"client", "promises", "channels", "puka_promise", "pro
 
 def _puka_names(tree: ast.Module) -> set[str]:
     """Names a module binds to puka's modules (and to our _puka module, whose ``_`` names are private too)."""
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.asname or alias.name.split(".")[0] for alias in node.names

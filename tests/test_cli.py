@@ -20,7 +20,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskCliRunner
 
-from flask_nucleon_amqp import AMQP, AMQPState, Message, NotFound, PukaConnection, Queue
+from flask_nucleon_amqp import AMQP, AMQPState, Connection, Message, NotFound, Queue
 from flask_nucleon_amqp.lifecycle import ListenerSpec
 from flask_nucleon_amqp.listener import ListenerOptions
 
@@ -282,7 +282,7 @@ def test_listen_runs_until_sigterm(capp: Flask, runner: FlaskCliRunner) -> None:
     handled: list[bytes] = []
     state: AMQPState = capp.extensions["amqp"]
 
-    def handle(connection: PukaConnection, promise: int, message: Message) -> None:
+    def handle(connection: Connection, promise: int, message: Message) -> None:
         handled.append(message.body)
 
     def drive() -> None:

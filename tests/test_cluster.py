@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import pytest
 
+from flask_nucleon_amqp import PukaConnection
 from flask_nucleon_amqp.topology import Queue
 
 from _workload import make_state, run_fault
 
 if TYPE_CHECKING:
-    from _brokers import Cluster, SecretWatch
+    from _brokers import Cluster, RabbitNode, SecretWatch
 
 pytest_plugins = ["_brokers"]
 
@@ -42,8 +43,8 @@ def test_kill_9_of_the_quorum_leader_loses_no_confirmed_message(cluster_up: Clus
     queue = f"cluster-kill9-{uuid.uuid4().hex[:8]}"
     state.queue_declare(queue, durable=True, arguments=QUORUM)
     leader = cluster_up.node_named(cluster_up[1].quorum_leader(queue))
-    listen = state.connection("listen")
-    victim: list = []
+    listen = cast(PukaConnection, state.connection("listen"))  # the cluster tests run puka connections
+    victim: list[RabbitNode] = []
     fault_at: list[float] = []
 
     def inject() -> float | None:
@@ -69,7 +70,7 @@ def test_kill_9_of_the_quorum_leader_loses_no_confirmed_message(cluster_up: Clus
         assert not nacked or nacked[-1] <= 3.0, (
             f"publishes were still nacked {nacked[-1]:.1f}s after the leader was killed ({len(nacked)} nacks; "
             f"{figures.notes})")
-        assert listen.is_open and listen._session.node.port != leader.port
+        assert listen.is_open and listen._session is not None and listen._session.node.port != leader.port
         new_leader = cluster_up.node_named(
             cluster_up.nodes[(cluster_up.nodes.index(leader) + 1) % 3].quorum_leader(queue))
         assert new_leader is not leader
@@ -87,10 +88,11 @@ def test_stop_app_of_the_consumers_node_fails_over_by_itself(cluster_up: Cluster
     state = make_state(cluster_up.urls(), publish_size=3)
     queue = f"cluster-stop-app-{uuid.uuid4().hex[:8]}"
     state.queue_declare(queue, durable=True, arguments=QUORUM)
-    listen = state.connection("listen")
-    stopped: list = []
+    listen = cast(PukaConnection, state.connection("listen"))  # the cluster tests run puka connections
+    stopped: list[RabbitNode] = []
 
     def inject() -> float | None:
+        assert listen._session is not None
         node = cluster_up.node_on_port(listen._session.node.port)
         stopped.append(node)
         node.stop_app()
@@ -103,7 +105,7 @@ def test_stop_app_of_the_consumers_node_fails_over_by_itself(cluster_up: Cluster
         node = stopped[0]
         ports = _node_ports(state)
         assert ports and node.port not in ports, f"connections still on the stopped node: {ports}"
-        assert listen.is_open and listen._session.node.port != node.port
+        assert listen.is_open and listen._session is not None and listen._session.node.port != node.port
     finally:
         if stopped:
             stopped[0].start_app()

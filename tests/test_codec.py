@@ -8,7 +8,7 @@ import decimal
 import struct
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import gevent
 import pika.data
@@ -162,15 +162,16 @@ def test_field_types_on_the_wire() -> None:
     def kind(value: Any) -> bytes:
         return _codec.encode_table({"k": value})[6:7]
 
-    assert [kind(v) for v in ("s", b"b", bytearray(b"b"), True, None, 1, -(2**31), 2**31, 1.5, decimal.Decimal("1.5"),
-                              datetime.datetime(2020, 1, 1), {}, [], ())] == \
+    assert [kind(v) for v in cast(tuple[Any, ...], ("s", b"b", bytearray(b"b"), True, None, 1, -(2**31), 2**31, 1.5,
+                                                    decimal.Decimal("1.5"), datetime.datetime(2020, 1, 1),
+                                                    {}, [], ()))] == \
         [b"S", b"S", b"S", b"t", b"V", b"I", b"I", b"l", b"d", b"D", b"T", b"F", b"A", b"A"]
 
 
 # -- refused at the call ---------------------------------------------------------------------------
 
 def _too_deep() -> dict[str, Any]:
-    return _deep(100)  # 101 levels with the headers table
+    return cast(dict[str, Any], _deep(100))  # 101 levels with the headers table
 
 
 def _cycle() -> dict[str, Any]:
@@ -270,7 +271,7 @@ def test_a_smaller_negotiated_frame_max_is_enforced_at_the_call(conn: PukaConnec
             conn.publish("", queue, b"x", headers={"h": "x" * 9000}, callback=callback)
     assert conn.pending == 0 and called == []
     conn.publish("", queue, b"fits", headers={"h": "x" * 8000})
-    assert [conn.get(queue, no_ack=True).body for _ in range(2)] == [b"open", b"fits"]  # type: ignore[union-attr]
+    assert [conn.get(queue, no_ack=True).body for _ in range(2)] == [b"open", b"fits"]
 
 
 # -- the poison of issue 16 ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -47,7 +48,7 @@ def test_amqp_url_is_the_default_for_every_pool_and_pools_override_it() -> None:
     ("amqp://h?heartbeat=5&connect_timeout=2", {"host": "h", "tls": False, "heartbeat": 5.0,
                                                 "connect_timeout": 2.0}),
 ])
-def test_url_forms(url: str, expected: dict) -> None:
+def test_url_forms(url: str, expected: dict[str, Any]) -> None:
     assert parse_url("AMQP_URL", url) == expected
 
 
@@ -94,7 +95,7 @@ def test_several_nodes_for_a_cluster() -> None:
     ({"AMQP_DECLARE_ON_START": "yes"}, "AMQP_DECLARE_ON_START"),
     ({"AMQP_TOPOLOGY": ["q"]}, "AMQP_TOPOLOGY"),
 ])
-def test_bad_config_names_the_key(config: dict, key: str) -> None:
+def test_bad_config_names_the_key(config: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         read_config(config)
     assert info.value.key == key
@@ -180,9 +181,10 @@ def test_app_cfg_example_agrees_with_the_config_table() -> None:
     """Every key is in app.cfg.example, with its default (app keys) and its doc as the comment above it."""
     path = Path(__file__).parent.parent / "app.cfg.example"
     lines = path.read_text().splitlines()
-    values: dict = {}
+    values: dict[str, Any] = {}
     exec(compile(path.read_text(), str(path), "exec"), {}, values)  # our own example file
     assert set(values) == set(APP_SETTINGS), "app.cfg.example sets exactly the AMQP_* keys"
+    index: int | None
     for key, setting in APP_SETTINGS.items():
         assert values[key] == setting.default, f"app.cfg.example: {key} is not its default"
         index = next(i for i, line in enumerate(lines) if line.startswith(f"{key} = "))

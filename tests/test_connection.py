@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 import gevent
 import pytest
+from flask import Flask
 from gevent.queue import Queue
 
 from flask_nucleon_amqp import (
@@ -21,6 +23,7 @@ from flask_nucleon_amqp import (
     AMQPState,
     ConnectionError,
     ConnectionLost,
+    Message,
     MessageStateError,
     NotFound,
     PreconditionFailed,
@@ -101,7 +104,7 @@ def test_body_and_json_together_is_an_error(conn: PukaConnection) -> None:
     ({"headers": {"big": 2**70}}, r"headers\['big'\]"),
     ({"correlation_id": "x" * 300}, "correlation_id"),
 ])
-def test_bad_properties_name_the_argument(conn: PukaConnection, kwargs: dict, match: str) -> None:
+def test_bad_properties_name_the_argument(conn: PukaConnection, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises((TypeError, ValueError), match=match):
         conn.publish("", "q", b"x", **kwargs)
 
@@ -253,10 +256,10 @@ def test_cancel_requeues_undelivered_and_keeps_held_ackable(conn: PukaConnection
     conn.queue_declare(queue)
     for i in range(20):
         conn.publish("", queue, str(i))
-    held: list = []
+    held: list[Message] = []
     gate = gevent.event.Event()
 
-    def slow(promise: int, message: object) -> None:
+    def slow(promise: int, message: Message) -> None:
         held.append(message)
         gate.wait()
 
@@ -276,7 +279,7 @@ def test_qos_changes_prefetch(conn: PukaConnection, names: Names) -> None:
     conn.queue_declare(queue)
     for i in range(5):
         conn.publish("", queue, str(i))
-    got: list = []
+    got: list[Message] = []
     promise = conn.consume(queue, callback=lambda p, m: got.append(m), prefetch_count=1)
     assert wait_until(lambda: len(got) == 1)
     gevent.sleep(0.2)
@@ -297,7 +300,7 @@ def test_async_declare_and_errors_reach_callback(conn: PukaConnection, names: Na
     assert isinstance(results.get(timeout=10), NotFound)
 
 
-def test_thousand_greenlets_two_connections_exactly_once(app, names: Names) -> None:
+def test_thousand_greenlets_two_connections_exactly_once(app: Flask, names: Names) -> None:
     state: AMQPState = app.extensions["amqp"]
     pool = state.get_amqp_pool("publish")
     queue = names.queue()
@@ -307,7 +310,7 @@ def test_thousand_greenlets_two_connections_exactly_once(app, names: Names) -> N
     gevent.joinall(jobs, timeout=60, raise_error=True)
     assert all(job.successful() for job in jobs)
     assert len(pool.connections()) == 2 and all(c.is_open for c in pool.connections())
-    received: Counter = Counter()
+    received: Counter[bytes] = Counter()
     listen = state.get_amqp_pool("listen").connection()
 
     def record(promise: int, message: object) -> None:
@@ -480,7 +483,7 @@ def test_close_waits_for_pending_confirms(names: Names) -> None:
     state = app.extensions["amqp"]
     queue = names.queue()
     state.queue_declare(queue)
-    confirmed: list = []
+    confirmed: list[Any] = []
     for i in range(200):
         state.publish("", queue, str(i), callback=lambda p, r: confirmed.append(r))
     state.close(timeout=10)
@@ -495,7 +498,7 @@ def test_works_without_monkey_patching_and_does_not_block_the_hub(conn: PukaConn
     assert not gevent.monkey.is_module_patched("socket")
     queue = names.queue()
     conn.queue_declare(queue)
-    ticks: list = []
+    ticks: list[int] = []
 
     def ticker() -> None:
         while True:
@@ -606,8 +609,9 @@ def test_write_error_ends_the_session_at_once(conn: PukaConnection, names: Names
     queue = names.queue()
     conn.queue_declare(queue)
     got: Queue = Queue()
-    promise = conn.consume(queue, callback=lambda p, m: (got.put(m.body), m.ack()))
+    promise = conn.consume(queue, callback=lambda p, m: (got.put(m.body), m.ack()))  # type: ignore[func-returns-value]  # a tuple, for both side effects
     session = conn._session
+    assert session is not None
     session.client.sd.shutdown(socket.SHUT_WR)  # every write now fails with EPIPE
     started = time.monotonic()
     with pytest.raises(ConnectionLost, match="Error"):
@@ -635,7 +639,7 @@ def test_one_shot_no_ack_consume_takes_exactly_one(conn: PukaConnection, names: 
 def test_qos_keeps_an_auto_delete_queue(conn: PukaConnection, names: Names) -> None:
     queue = names.queue("ad")
     conn.queue_declare(queue, auto_delete=True)
-    got: list = []
+    got: list[Message] = []
     promise = conn.consume(queue, callback=lambda p, m: got.append(m), prefetch_count=1)
     conn.qos(promise, 10)  # subscribes anew before cancelling: the queue never loses its last consumer
     for i in range(3):
@@ -673,7 +677,7 @@ def test_cancel_racing_the_brokers_own_cancel(conn: PukaConnection, names: Names
     """The queue is deleted under a consumer and the app cancels it at the same moment."""
     from flask_nucleon_amqp import signals
 
-    cancelled: list = []
+    cancelled: list[dict[str, object]] = []
 
     def on_cancelled(sender: object, **kwargs: object) -> None:
         cancelled.append(kwargs)
@@ -723,7 +727,7 @@ def test_acks_coalesce_only_over_settled_runs(names: Names) -> None:
     conn.queue_declare(queue)
     for i in range(300):
         conn.publish("", queue, str(i))
-    got: list = []
+    got: list[Message] = []
     promise = conn.consume(queue, callback=lambda p, m: got.append(m), prefetch_count=300)
     assert wait_until(lambda: len(got) == 300)
     held, rejected, rest = got[0], got[150], got[1:150] + got[151:]
@@ -749,7 +753,7 @@ def test_a_long_held_message_stops_ack_tracking_for_its_channel(names: Names) ->
     for i in range(5000):
         conn.publish("", queue, str(i), callback=lambda p, r: None)
     assert wait_until(lambda: conn.queue_declare(queue, passive=True)["message_count"] == 5000, timeout=30)
-    got: list = []
+    got: list[Any] = []
 
     def work(promise: int, message: object) -> None:
         got.append(message)

@@ -53,7 +53,7 @@ def create_orders_app(config: dict[str, Any]) -> Flask:
 
     @app.post("/orders")
     def create_order() -> Any:
-        current_app.amqp.publish(current_app.config["ORDERS_EXCHANGE"], "order.created", json=request.get_json())
+        current_app.amqp.publish(current_app.config["ORDERS_EXCHANGE"], "order.created", json=request.get_json())  # type: ignore[attr-defined]  # Nucleon's name for the state
         return {"ok": True}, 201
 
     return app
@@ -63,7 +63,7 @@ def create_orders_app(config: dict[str, Any]) -> Flask:
 def app(amqp_names: AMQPNames) -> Iterator[Flask]:
     app = create_orders_app({"TESTING": True, "AMQP_URL": BROKER_URL,
                              "ORDERS_EXCHANGE": amqp_names.exchange("orders")})
-    app.amqp.exchange_declare(app.config["ORDERS_EXCHANGE"], "topic")
+    app.amqp.exchange_declare(app.config["ORDERS_EXCHANGE"], "topic")  # type: ignore[attr-defined]  # Nucleon's name for the state
     yield app
     app.extensions["amqp"].close()  # amqp_names then deletes the exchange
 
@@ -81,7 +81,7 @@ def room(app: Flask, amqp_names: AMQPNames) -> Iterator[tuple[str, dict[str, str
 
 def say_hello(room: str) -> None:
     """Publish synchronously: this returns once the broker has confirmed the message."""
-    conn = current_app.amqp.get_amqp_pool().connection()  # the "publish" pool
+    conn = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # the "publish" pool
     conn.publish(exchange=room, routing_key="user1", body="WithHello1")
 
 
@@ -94,14 +94,15 @@ def say_hello_in_background(room: str) -> int:
         else:
             log.info("message %d confirmed", promise)
 
-    conn = current_app.amqp.get_amqp_pool().connection()
-    return conn.publish(exchange=room, routing_key="user1", body="WithHello1", callback=sent)
+    conn = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
+    promise: int = conn.publish(exchange=room, routing_key="user1", body="WithHello1", callback=sent)
+    return promise
 
 
 def place_order(exchange: str, order: dict[str, Any]) -> bool:
     """JSON, a header, a persistent message, and mandatory routing."""
     try:
-        current_app.amqp.publish(exchange, "order.created", json=order, headers={"source": "web"},
+        current_app.amqp.publish(exchange, "order.created", json=order, headers={"source": "web"},  # type: ignore[attr-defined]  # Nucleon's name for the state
                                  persistent=True, mandatory=True)
     except Unroutable:
         return False  # no queue is bound for order.created: the broker returned it
@@ -111,7 +112,7 @@ def place_order(exchange: str, order: dict[str, Any]) -> bool:
 def test_publish_synchronously(room: tuple[str, dict[str, str]]) -> None:
     exchange, queues = room
     say_hello(exchange)
-    message = current_app.amqp.get(queues["user1"])
+    message = current_app.amqp.get(queues["user1"])  # type: ignore[attr-defined]  # Nucleon's name for the state
     assert message is not None and message.body == b"WithHello1"
     message.ack()
 
@@ -142,8 +143,8 @@ def test_publish_with_options(app: Flask, amqp_names: AMQPNames) -> None:
 
 def receive_one(queue: str) -> str | None:
     """Receive synchronously: the first message of the queue, waiting up to a second for one."""
-    conn = current_app.amqp.get_amqp_pool(type="listen").connection()
-    message = conn.consume(queue=queue, timeout=1)
+    conn = current_app.amqp.get_amqp_pool(type="listen").connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
+    message: Message | None = conn.consume(queue=queue, timeout=1)
     if message is None:
         return None
     log.info("received %r with headers %r", message["body"], message["headers"])
@@ -153,9 +154,9 @@ def receive_one(queue: str) -> str | None:
 
 def drain(queue: str, limit: int = 100) -> list[Message]:
     """Take what is in the queue now, without waiting (basic.get)."""
-    messages = []
+    messages: list[Message] = []
     while len(messages) < limit:
-        message = current_app.amqp.get(queue)  # None when the queue is empty
+        message = current_app.amqp.get(queue)  # type: ignore[attr-defined]  # None when the queue is empty
         if message is None:
             break
         messages.append(message)
@@ -170,18 +171,19 @@ def start_consumer(queue: str, inbox: list[bytes]) -> int:
         inbox.append(message.body)
         message.ack()
 
-    conn = current_app.amqp.get_amqp_pool(type="listen").connection()
-    return conn.consume(queue, callback=on_message, prefetch_count=100)
+    conn = current_app.amqp.get_amqp_pool(type="listen").connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
+    promise: int = conn.consume(queue, callback=on_message, prefetch_count=100)
+    return promise
 
 
 def stop_consumer(promise: int) -> None:
-    current_app.amqp.cancel(promise)  # every consumer needs a cancel
+    current_app.amqp.cancel(promise)  # type: ignore[attr-defined]  # every consumer needs a cancel
 
 
 def test_receive_synchronously(room: tuple[str, dict[str, str]]) -> None:
     exchange, queues = room
     assert receive_one(queues["user1"]) is None
-    current_app.amqp.publish(exchange, "user1", "sync")
+    current_app.amqp.publish(exchange, "user1", "sync")  # type: ignore[attr-defined]  # Nucleon's name for the state
     assert receive_one(queues["user1"]) == "sync"
     assert drain(queues["user1"]) == []  # acked: not delivered again
 
@@ -191,10 +193,10 @@ def test_receive_asynchronously(room: tuple[str, dict[str, str]]) -> None:
     inbox: list[bytes] = []
     promise = start_consumer(queues["user2"], inbox)
     for i in range(10):
-        current_app.amqp.publish(exchange, "user2", f"Message {i}")
+        current_app.amqp.publish(exchange, "user2", f"Message {i}")  # type: ignore[attr-defined]  # Nucleon's name for the state
     assert wait_until(lambda: len(inbox) == 10)
     stop_consumer(promise)
-    current_app.amqp.publish(exchange, "user2", "after cancel")
+    current_app.amqp.publish(exchange, "user2", "after cancel")  # type: ignore[attr-defined]  # Nucleon's name for the state
     assert [m.body for m in drain(queues["user2"])] == [b"after cancel"]
     assert inbox == [f"Message {i}".encode() for i in range(10)]
 
@@ -212,7 +214,7 @@ AMQP_POOLS = {
 
 def declare_room(room: str, queues: dict[str, str]) -> None:
     """As in Nucleon: declare an exchange, and a queue per user bound by the user's name."""
-    connection = current_app.amqp.get_amqp_pool().connection()
+    connection = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
     connection.exchange_declare(room, "direct")
     for user, queue in queues.items():
         connection.queue_declare(queue=queue)
@@ -221,14 +223,14 @@ def declare_room(room: str, queues: dict[str, str]) -> None:
 
 def declare_orders_queue(queue: str, exchange: str) -> None:
     """Register declarations in the app's topology and declare them now."""
-    current_app.amqp.declare(
+    current_app.amqp.declare(  # type: ignore[attr-defined]  # Nucleon's name for the state
         Queue(queue, expires=3_600_000),  # deleted by the broker after an hour unused
         Binding(exchange, queue=queue, routing_key="order.*"),
     )
 
 
 def delete_room(room: str, queues: dict[str, str]) -> None:
-    connection = current_app.amqp.get_amqp_pool().connection()
+    connection = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
     for queue in queues.values():
         connection.queue_delete(queue=queue)
     connection.exchange_delete(room)
@@ -239,10 +241,10 @@ def test_named_pools() -> None:
     AMQP(app)
     try:
         with app.app_context():
-            reports = current_app.amqp.get_amqp_pool(type="reports")
+            reports = current_app.amqp.get_amqp_pool(type="reports")  # type: ignore[attr-defined]  # Nucleon's name for the state
             assert reports.settings.heartbeat == 30 and reports.settings.operation_timeout == 5
             assert reports.connection().queue_declare("", exclusive=True)["queue"].startswith("amq.gen-")
-            assert sorted(current_app.amqp.stats()) == ["listen", "publish", "reports"]
+            assert sorted(current_app.amqp.stats()) == ["listen", "publish", "reports"]  # type: ignore[attr-defined]  # Nucleon's name for the state
     finally:
         app.extensions["amqp"].close(timeout=5)
 
@@ -251,9 +253,9 @@ def test_delete_room(room: tuple[str, dict[str, str]]) -> None:
     exchange, queues = room
     delete_room(exchange, queues)
     with pytest.raises(NotFound):
-        current_app.amqp.queue_declare(queues["user1"], passive=True)
+        current_app.amqp.queue_declare(queues["user1"], passive=True)  # type: ignore[attr-defined]  # Nucleon's name for the state
     with pytest.raises(NotFound):
-        current_app.amqp.publish(exchange, "user1", "gone")
+        current_app.amqp.publish(exchange, "user1", "gone")  # type: ignore[attr-defined]  # Nucleon's name for the state
 
 
 # == Listeners and topology, declared with the extension ======================================
@@ -287,7 +289,7 @@ def start_listener_thread() -> None:
         log.info("Result received: %s", message["body"])
         connection.ack(message)
 
-    current_app.amqp.register_and_spawn_amqp_listener(INBOX, recv_callback)
+    current_app.amqp.register_and_spawn_amqp_listener(INBOX, recv_callback)  # type: ignore[attr-defined]  # Nucleon's name for the state
 
 
 @amqp.listener(ORDERS, prefetch_count=20, on_error="dead-letter")
@@ -324,13 +326,13 @@ def chat_app() -> Iterator[Flask]:
 def test_listeners(chat_app: Flask, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="docs_samples"), chat_app.app_context():
         chat_app.extensions["amqp"].initialise()  # what the first request or gunicorn's post_worker_init does
-        assert [listener.queue for listener in current_app.amqp.listeners] == [INBOX, ORDERS]
-        current_app.amqp.publish(ROOM, "user1", "WithHello1")
-        current_app.amqp.publish(ROOM, "order.created", json={"id": 7, "user": "user2"})
-        current_app.amqp.publish(ROOM, "order.created", b"not JSON")
+        assert [listener.queue for listener in current_app.amqp.listeners] == [INBOX, ORDERS]  # type: ignore[attr-defined]  # Nucleon's name for the state
+        current_app.amqp.publish(ROOM, "user1", "WithHello1")  # type: ignore[attr-defined]  # Nucleon's name for the state
+        current_app.amqp.publish(ROOM, "order.created", json={"id": 7, "user": "user2"})  # type: ignore[attr-defined]  # Nucleon's name for the state
+        current_app.amqp.publish(ROOM, "order.created", b"not JSON")  # type: ignore[attr-defined]  # Nucleon's name for the state
         assert wait_until(lambda: "Result received: b'WithHello1'" in caplog.text)
         assert wait_until(lambda: "order 7 for user2" in caplog.text)
-        assert wait_until(lambda: current_app.amqp.queue_declare(DEAD_LETTERS, passive=True)["message_count"] == 1)
+        assert wait_until(lambda: current_app.amqp.queue_declare(DEAD_LETTERS, passive=True)["message_count"] == 1)  # type: ignore[attr-defined]  # Nucleon's name for the state
         [dead] = drain(DEAD_LETTERS)
         assert dead.body == b"not JSON"
 
@@ -339,47 +341,49 @@ def test_listeners(chat_app: Flask, caplog: pytest.LogCaptureFixture) -> None:
 
 def serve_squares(queue: str) -> int:
     """The server side: answer each request on its ``reply_to``, with its ``correlation_id``."""
-    conn = current_app.amqp.get_amqp_pool(type="listen").connection()
+    conn = current_app.amqp.get_amqp_pool(type="listen").connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
 
     def answer(promise: int, message: Message) -> None:
         n = message.json()["n"]
         conn.publish("", message.reply_to, json={"square": n * n}, correlation_id=message.correlation_id)
         message.ack()
 
-    return conn.consume(queue, callback=answer)
+    promise: int = conn.consume(queue, callback=answer)
+    return promise
 
 
 def square(queue: str, n: int) -> int:
     """The client side: publish a request and wait for its reply (RabbitMQ's direct reply-to)."""
-    conn = current_app.amqp.get_amqp_pool().connection()
+    conn = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
     reply = conn.call("", queue, json={"n": n}, timeout=5)  # Timeout when no reply comes in time
-    return reply.json()["square"]
+    square: int = reply.json()["square"]
+    return square
 
 
 def test_request_reply(app: Flask, amqp_names: AMQPNames) -> None:
     with app.app_context():
         queue = amqp_names.queue("squares")
-        current_app.amqp.queue_declare(queue)
+        current_app.amqp.queue_declare(queue)  # type: ignore[attr-defined]  # Nucleon's name for the state
         with pytest.raises(Timeout):
-            current_app.amqp.connection().call("", queue, json={"n": 1}, timeout=0.2)  # nobody serves yet
+            current_app.amqp.connection().call("", queue, json={"n": 1}, timeout=0.2)  # type: ignore[attr-defined]  # nobody serves yet
         server = serve_squares(queue)
         assert [square(queue, n) for n in (2, 3)] == [4, 9]
-        current_app.amqp.cancel(server)
+        current_app.amqp.cancel(server)  # type: ignore[attr-defined]  # Nucleon's name for the state
 
 
 # == Reliability ==============================================================================
 
 def record_audit_event(exchange: str, event: dict[str, Any]) -> None:
     """At least once: confirmed, persistent, and published again if the connection died first."""
-    current_app.amqp.publish(exchange, "audit", json=event, persistent=True, mandatory=True, retry=2)
+    current_app.amqp.publish(exchange, "audit", json=event, persistent=True, mandatory=True, retry=2)  # type: ignore[attr-defined]  # Nucleon's name for the state
 
 
 def test_record_audit_event(app: Flask, amqp_names: AMQPNames) -> None:
     with app.app_context():
         exchange = app.config["ORDERS_EXCHANGE"]
         queue = amqp_names.queue("audit")
-        current_app.amqp.queue_declare(queue)
-        current_app.amqp.queue_bind(queue, exchange, "audit")
+        current_app.amqp.queue_declare(queue)  # type: ignore[attr-defined]  # Nucleon's name for the state
+        current_app.amqp.queue_bind(queue, exchange, "audit")  # type: ignore[attr-defined]  # Nucleon's name for the state
         record_audit_event(exchange, {"event": "login"})
         [message] = drain(queue)
         assert message.json() == {"event": "login"} and message.delivery_mode == 2
@@ -397,8 +401,8 @@ def test_posting_an_order_publishes_it(client: FlaskClient, amqp_recorder: Any) 
 def test_the_order_reaches_its_queue(app: Flask, client: FlaskClient, amqp_names: AMQPNames,
                                      wait_for_messages: Any) -> None:
     queue = amqp_names.queue("orders")  # unique to this test; deleted after it
-    app.amqp.queue_declare(queue)
-    app.amqp.queue_bind(queue, app.config["ORDERS_EXCHANGE"], "order.*")
+    app.amqp.queue_declare(queue)  # type: ignore[attr-defined]  # Nucleon's name for the state
+    app.amqp.queue_bind(queue, app.config["ORDERS_EXCHANGE"], "order.*")  # type: ignore[attr-defined]  # Nucleon's name for the state
     client.post("/orders", json={"id": 2})
     [message] = wait_for_messages(queue, count=1, timeout=5)
     assert message.json() == {"id": 2}
@@ -407,11 +411,11 @@ def test_the_order_reaches_its_queue(app: Flask, client: FlaskClient, amqp_names
 def test_without_a_broker(amqp_memory_url: str) -> None:
     app = create_orders_app({"AMQP_URL": amqp_memory_url, "ORDERS_EXCHANGE": "orders"})
     with app.app_context():
-        current_app.amqp.exchange_declare("orders", "topic")
-        current_app.amqp.queue_declare("all-orders")
-        current_app.amqp.queue_bind("all-orders", "orders", "order.#")
+        current_app.amqp.exchange_declare("orders", "topic")  # type: ignore[attr-defined]  # Nucleon's name for the state
+        current_app.amqp.queue_declare("all-orders")  # type: ignore[attr-defined]  # Nucleon's name for the state
+        current_app.amqp.queue_bind("all-orders", "orders", "order.#")  # type: ignore[attr-defined]
         app.test_client().post("/orders", json={"id": 3})
-        message = current_app.amqp.get("all-orders")
+        message = current_app.amqp.get("all-orders")  # type: ignore[attr-defined]  # Nucleon's name for the state
         assert message is not None and message.json() == {"id": 3}
         message.ack()
     app.extensions["amqp"].close()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from flask import Flask, current_app
+from flask.testing import FlaskClient
 
 from flask_nucleon_amqp import AMQP, AMQPState, current_amqp
 
@@ -16,8 +19,8 @@ def test_amqp_app_registers_extension_and_attribute() -> None:
     assert isinstance(app.extensions["amqp"], AMQPState)
     assert app.amqp is app.extensions["amqp"]  # type: ignore[attr-defined]
     with app.app_context():
-        assert current_app.amqp is app.extensions["amqp"]
-        assert amqp.get_amqp_pool() is current_app.amqp.get_amqp_pool(type="publish")
+        assert current_app.amqp is app.extensions["amqp"]  # type: ignore[attr-defined]  # Nucleon's name for the state
+        assert amqp.get_amqp_pool() is current_app.amqp.get_amqp_pool(type="publish")  # type: ignore[attr-defined]  # Nucleon's name for the state
     assert set(app.extensions["amqp"].pools) == {"publish", "listen"}
 
 
@@ -35,7 +38,7 @@ def test_application_factory_pattern(names: Names) -> None:
     with second.app_context():
         amqp.state.queue_declare(queue)  # the current app's pools
         amqp.state.publish("", queue, b"x")
-        assert current_app.amqp.get_amqp_pool().connections()[0].is_open
+        assert current_app.amqp.get_amqp_pool().connections()[0].is_open  # type: ignore[attr-defined]  # Nucleon's name for the state
     assert first.extensions["amqp"].get_amqp_pool().connections() == []
     with pytest.raises(RuntimeError, match="application context"):
         amqp.get_amqp_pool()  # two apps and no context: which one?
@@ -84,19 +87,19 @@ def test_extra_pools_and_config_defaults(names: Names) -> None:
     state.close()
 
 
-def test_request_handlers_use_current_app_amqp(app: Flask, client, names: Names) -> None:
+def test_request_handlers_use_current_app_amqp(app: Flask, client: FlaskClient, names: Names) -> None:
     queue = names.queue()
     app.extensions["amqp"].queue_declare(queue)
 
     @app.post("/send/<text>")
-    def send(text: str) -> dict:
-        current_app.amqp.publish("", queue, text)
+    def send(text: str) -> dict[str, Any]:
+        current_app.amqp.publish("", queue, text)  # type: ignore[attr-defined]  # Nucleon's name for the state
         return {"sent": text}
 
     @app.get("/receive")
-    def receive() -> dict:
-        message = current_app.amqp.consume(queue, timeout=5)
-        current_app.amqp.ack(message)
+    def receive() -> dict[str, Any]:
+        message = current_app.amqp.consume(queue, timeout=5)  # type: ignore[attr-defined]  # Nucleon's name for the state
+        current_app.amqp.ack(message)  # type: ignore[attr-defined]  # Nucleon's name for the state
         return {"body": message.text}
 
     assert client.post("/send/hello").json == {"sent": "hello"}
@@ -111,15 +114,16 @@ def test_close_is_idempotent_and_never_raises(app: Flask) -> None:
     assert state.closed
 
 
-def test_health_report_for_a_healthz_route(app: Flask, client) -> None:
+def test_health_report_for_a_healthz_route(app: Flask, client: FlaskClient) -> None:
     from conftest import wait_until
 
     @app.get("/healthz")
-    def healthz() -> tuple:
-        report = current_app.amqp.health()
+    def healthz() -> tuple[dict[str, Any], int]:
+        report = current_app.amqp.health()  # type: ignore[attr-defined]  # Nucleon's name for the state
         return report, 200 if report["ok"] else 503
 
     assert wait_until(lambda: client.get("/healthz").status_code == 200, timeout=10)
     report = client.get("/healthz").json
+    assert report is not None
     assert set(report["pools"]) == {"publish", "listen"} and report["ok"] is True
     assert all(pool["ok"] and pool["server"].startswith("RabbitMQ") for pool in report["pools"].values())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import gevent
 import pytest
@@ -155,7 +155,7 @@ def _check_hostile(case: str, message: Message | None) -> None:
 def test_hostile_delivery_costs_nothing_but_itself(state: AMQPState, names: Names, pika_channel: Any,
                                                    lost: list[str], case: str,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    conn: PukaConnection = state.connection("listen")
+    conn = cast(PukaConnection, state.connection("listen"))
     bystander = _Bystander(state, names)  # consumes on that same connection
     queue = names.queue()
     conn.queue_declare(queue)

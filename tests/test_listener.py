@@ -12,7 +12,17 @@ import pytest
 from flask import Flask, current_app
 from gevent.queue import Queue as GQueue
 
-from flask_nucleon_amqp import AMQP, AMQPState, Binding, Exchange, Message, NotFound, PukaConnection, Queue, memory
+from flask_nucleon_amqp import (
+    AMQP,
+    AMQPState,
+    Binding,
+    Connection,
+    Exchange,
+    Message,
+    NotFound,
+    Queue,
+    memory,
+)
 from flask_nucleon_amqp import listener as listener_module
 
 from _proxy import Proxy
@@ -43,8 +53,8 @@ def test_nucleon_pattern_callback_gets_connection_promise_message_in_app_context
     state.queue_declare(queue)
     seen: GQueue = GQueue()
 
-    def recv_callback(connection: PukaConnection, promise: int, result: Message) -> None:
-        seen.put((connection, promise, result["body"], current_app._get_current_object()))
+    def recv_callback(connection: Connection, promise: int, result: Message) -> None:
+        seen.put((connection, promise, result["body"], current_app._get_current_object()))  # type: ignore[attr-defined]  # a LocalProxy
         connection.ack(result)  # as the Nucleon document does: no double ack follows
 
     listener = state.register_and_spawn_amqp_listener(queue, recv_callback)
@@ -77,7 +87,7 @@ def test_raising_callback_is_logged_and_its_message_requeued(
     state.queue_declare(queue)
     handled: GQueue = GQueue()
 
-    def flaky(connection: PukaConnection, promise: int, message: Message) -> None:
+    def flaky(connection: Connection, promise: int, message: Message) -> None:
         if not message.redelivered:
             raise RuntimeError("first attempt fails")
         handled.put(message.body)
@@ -108,7 +118,7 @@ def test_reject_and_dead_letter_send_failed_messages_to_the_dead_letter_exchange
         names: Names, state: AMQPState, on_error: str) -> None:
     queue, dead_queue = _dead_letter_topology(names, state)
 
-    def poison(connection: PukaConnection, promise: int, message: Message) -> None:
+    def poison(connection: Connection, promise: int, message: Message) -> None:
         message.json()  # not JSON: raises
 
     listener = state.register_and_spawn_amqp_listener(queue, poison, on_error=on_error)
@@ -155,7 +165,7 @@ def test_concurrency_is_bounded_and_the_backlog_drains(names: Names, state: AMQP
     state.queue_declare(queue)
     running, peak, done = [0], [0], []
 
-    def slow(connection: PukaConnection, promise: int, message: Message) -> None:
+    def slow(connection: Connection, promise: int, message: Message) -> None:
         running[0] += 1
         peak[0] = max(peak[0], running[0])
         gevent.sleep(0.05)
@@ -177,7 +187,7 @@ def test_decorator_works_before_init_app(names: Names) -> None:
     got: GQueue = GQueue()
 
     @amqp.listener(queue, prefetch_count=5)
-    def on_message(connection: PukaConnection, promise: int, message: Message) -> None:
+    def on_message(connection: Connection, promise: int, message: Message) -> None:
         got.put(message.body)
 
     app = make_app(AMQP_TOPOLOGY={"queues": {queue: {}}})
@@ -244,7 +254,7 @@ def test_stop_lets_running_callbacks_finish_and_requeues_the_rest(names: Names, 
     state.queue_declare(queue)
     started, finished = [], []
 
-    def slow(connection: PukaConnection, promise: int, message: Message) -> None:
+    def slow(connection: Connection, promise: int, message: Message) -> None:
         started.append(message.body)
         gevent.sleep(0.3)
         finished.append(message.body)
@@ -298,7 +308,7 @@ def test_a_poison_message_is_tried_about_once_a_second_while_the_others_flow(
     poison_attempts: list[float] = []
     good: GQueue = GQueue()
 
-    def handle(connection: PukaConnection, promise: int, message: Message) -> None:
+    def handle(connection: Connection, promise: int, message: Message) -> None:
         if message.body == b"poison":
             poison_attempts.append(time.monotonic())
             raise ValueError("cannot handle this one")
@@ -364,7 +374,7 @@ def test_a_quorum_queues_delivery_limit_ends_a_poison_message(names: Names, stat
     state.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 2})
     attempts: list[tuple[float, Any]] = []
 
-    def poison(connection: PukaConnection, promise: int, message: Message) -> None:
+    def poison(connection: Connection, promise: int, message: Message) -> None:
         attempts.append((time.monotonic(), (message.headers or {}).get("x-delivery-count")))
         raise ValueError("never works")
 

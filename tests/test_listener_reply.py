@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from gevent.queue import Queue as GQueue
 
-from flask_nucleon_amqp import AMQP, AMQPState, Binding, Exchange, Message, PukaConnection, Queue, Timeout
+from flask_nucleon_amqp import AMQP, AMQPState, Binding, Connection, Exchange, Message, Queue, Timeout
 
 from conftest import Names, make_app, wait_until
 
@@ -29,7 +29,7 @@ def _ready(state: AMQPState, queue: str) -> int:
     return int(state.queue_declare(queue, passive=True)["message_count"])
 
 
-def _answer(connection: PukaConnection, promise: int, request: Message) -> Any:
+def _answer(connection: Connection, promise: int, request: Message) -> Any:
     kind = request.headers.get("kind")
     if kind == "bytes":
         return b"\x00raw " + request.body
@@ -92,7 +92,7 @@ def test_a_failing_callback_times_the_caller_out_and_its_request_is_handled_per_
         names: Names, state: AMQPState, caplog: pytest.LogCaptureFixture, failure: str) -> None:
     queue, dead_queue = _dead_lettered_queue(names, state)
 
-    def broken(connection: PukaConnection, promise: int, request: Message) -> Any:
+    def broken(connection: Connection, promise: int, request: Message) -> Any:
         if failure == "raises":
             raise RuntimeError("cannot answer")
         return _Unserialisable()
@@ -120,7 +120,7 @@ def test_a_reply_comes_after_retries(names: Names, state: AMQPState) -> None:
     state.queue_declare(queue)
     attempts: GQueue = GQueue()
 
-    def flaky(connection: PukaConnection, promise: int, request: Message) -> Any:
+    def flaky(connection: Connection, promise: int, request: Message) -> Any:
         attempts.put(request.headers.get("x-retry-count"))
         if "x-retry-count" not in request.headers:
             raise RuntimeError("first attempt fails")

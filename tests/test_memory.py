@@ -136,7 +136,7 @@ def test_synchronous_calls_yield_to_the_hub(state: AMQPState) -> None:
     conn = state.connection()
     conn.queue_declare("q")
     ticks: list[int] = []
-    ticker = gevent.spawn(lambda: [ticks.append(1) or gevent.sleep(0) for _ in range(1000)])
+    ticker = gevent.spawn(lambda: [ticks.append(1) or gevent.sleep(0) for _ in range(1000)])  # type: ignore[func-returns-value]  # side effects in a lambda
     for i in range(50):
         conn.publish("", "q", str(i))
     ticker.kill()
@@ -148,7 +148,7 @@ def test_a_callback_requeueing_forever_does_not_starve_the_hub(state: AMQPState)
     conn.queue_declare("q")
     conn.publish("", "q", b"hot potato")
     bounces: list[int] = []
-    promise = conn.consume("q", callback=lambda p, m: (bounces.append(1), m.reject(requeue=True)))
+    promise = conn.consume("q", callback=lambda p, m: (bounces.append(1), m.reject(requeue=True)))  # type: ignore[func-returns-value]  # side effects in a lambda
     gevent.sleep(0.05)  # a timer still fires while the message bounces
     conn.cancel(promise)
     assert len(bounces) > 10
@@ -226,7 +226,7 @@ def test_disconnect_fails_waiters_requeues_and_recovers(state: AMQPState, broker
 def test_on_open_hooks_run_on_every_open(state: AMQPState, broker_name: str) -> None:
     conn = state.connection()
     opened: list[Any] = []
-    conn.on_open.append(lambda c: (opened.append(c), c.queue_declare("declared-on-open")))
+    conn.on_open.append(lambda c: (opened.append(c), c.queue_declare("declared-on-open")))  # type: ignore[func-returns-value]  # side effects in a lambda
     conn.publish("", "nowhere", b"x")
     memory.broker(broker_name).disconnect()
     assert wait_until(lambda: len(opened) == 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from flask_nucleon_amqp import Message, MessageStateError
@@ -16,7 +18,7 @@ FRAME = {
 
 class Recorder:
     def __init__(self) -> None:
-        self.calls: list = []
+        self.calls: list[tuple[Any, ...]] = []
 
     def _settle(self, message: Message, action: str, requeue: bool) -> None:
         self.calls.append((message.delivery_tag, action, requeue))
@@ -56,7 +58,7 @@ def test_body_encoding(body: object, expected: bytes) -> None:
 
 
 def test_json_body_sets_content_type_and_keeps_one_given() -> None:
-    properties: dict = {}
+    properties: dict[str, Any] = {}
     assert encode_body(None, {"k": [1, None]}, properties) == b'{"k":[1,null]}'
     assert properties == {"content_type": "application/json"}
     properties = {"content_type": "application/vnd.x+json"}

@@ -15,7 +15,7 @@ from conftest import Names
 def _room(names: Names) -> tuple[str, str, str]:
     """The document's topology: exchange unit_test_room, queues listener1 and listener2."""
     room, listener1, listener2 = names.exchange("unit_test_room"), names.queue("listener1"), names.queue("listener2")
-    connection = current_app.amqp.get_amqp_pool().connection()
+    connection = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
     connection.exchange_declare(room)
     connection.queue_declare(queue=listener1)
     connection.queue_declare(queue=listener2)
@@ -27,9 +27,9 @@ def _room(names: Names) -> tuple[str, str, str]:
 def test_publish_synchronously(app: Flask, names: Names) -> None:
     with app.app_context():
         room, listener1, _ = _room(names)
-        conn = current_app.amqp.get_amqp_pool().connection()
+        conn = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
         conn.publish(exchange=room, routing_key="user1", body="WithHello1")
-        message = current_app.amqp.get_amqp_pool(type="listen").connection().consume(queue=listener1, timeout=10)
+        message = current_app.amqp.get_amqp_pool(type="listen").connection().consume(queue=listener1, timeout=10)  # type: ignore[attr-defined]  # Nucleon's name for the state
         assert message["body"] == b"WithHello1"
         message.ack()
 
@@ -42,7 +42,7 @@ def test_publish_asynchronously(app: Flask, names: Names) -> None:
         def sent_callback(promise: int, result: object) -> None:
             sent_results.put((promise, result))
 
-        conn = current_app.amqp.get_amqp_pool().connection()
+        conn = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
         promise = conn.publish(exchange=room, routing_key="user1", body="WithHello1", callback=sent_callback)
         sent_promise, sent = sent_results.get(timeout=10)
         assert sent_promise == promise
@@ -55,8 +55,8 @@ def test_publish_asynchronously(app: Flask, names: Names) -> None:
 def test_receive_synchronously_and_ack(app: Flask, names: Names) -> None:
     with app.app_context():
         room, listener1, _ = _room(names)
-        current_app.amqp.publish(room, "user1", "sync")
-        conn = current_app.amqp.get_amqp_pool(type="listen").connection()
+        current_app.amqp.publish(room, "user1", "sync")  # type: ignore[attr-defined]  # Nucleon's name for the state
+        conn = current_app.amqp.get_amqp_pool(type="listen").connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
         result = conn.consume(queue=listener1, timeout=10)
         assert result["body"] == b"sync" and result["routing_key"] == "user1" and result["exchange"] == room
         conn.ack(result)
@@ -66,19 +66,19 @@ def test_receive_synchronously_and_ack(app: Flask, names: Names) -> None:
 def test_receive_asynchronously_ack_and_cancel(app: Flask, names: Names) -> None:
     with app.app_context():
         room, listener1, _ = _room(names)
-        conn = current_app.amqp.get_amqp_pool(type="listen").connection()
+        conn = current_app.amqp.get_amqp_pool(type="listen").connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
         recv_results: Queue = Queue()
 
         def recv_callback(promise: int, result: object) -> None:
             recv_results.put(result)
 
         consume_promise = conn.consume(queue=listener1, callback=recv_callback)
-        current_app.amqp.publish(room, "user1", "async")
+        current_app.amqp.publish(room, "user1", "async")  # type: ignore[attr-defined]  # Nucleon's name for the state
         result = recv_results.get(timeout=10)
         assert result["body"] == b"async"
         conn.ack(result)
         conn.cancel(consume_promise)
-        current_app.amqp.publish(room, "user1", "after cancel")
+        current_app.amqp.publish(room, "user1", "after cancel")  # type: ignore[attr-defined]  # Nucleon's name for the state
         gevent.sleep(0.2)
         assert recv_results.empty()  # cancelled: no more deliveries
         left = conn.get(listener1)
@@ -91,16 +91,16 @@ def test_listener_daemon_pattern(app: Flask, names: Names) -> None:
     with app.app_context():
         room, listener1, _ = _room(names)
         received: Queue = Queue()
-        conn = current_app.amqp.get_amqp_pool(type="listen").connection()
+        conn = current_app.amqp.get_amqp_pool(type="listen").connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
 
         def recv_callback(promise: int, result: object) -> None:
             received.put(result["body"])  # type: ignore[index]
-            conn.ack(result)  # type: ignore[arg-type]
+            conn.ack(result)
 
         promise = conn.consume(listener1, callback=recv_callback)
         sent = {f"Message {i}".encode() for i in range(10)}
         for body in sent:
-            current_app.amqp.publish(exchange=room, routing_key="user1", body=body)
+            current_app.amqp.publish(exchange=room, routing_key="user1", body=body)  # type: ignore[attr-defined]  # Nucleon's name for the state
         got = {received.get(timeout=10) for _ in range(10)}
         assert got == sent
         conn.cancel(promise)
@@ -109,8 +109,8 @@ def test_listener_daemon_pattern(app: Flask, names: Names) -> None:
 def test_configure_and_shut_down_topology(app: Flask, names: Names) -> None:
     with app.app_context():
         room, listener1, listener2 = _room(names)
-        connection = current_app.amqp.get_amqp_pool().connection()
-        current_app.amqp.publish(room, "user2", "to two")
+        connection = current_app.amqp.get_amqp_pool().connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
+        current_app.amqp.publish(room, "user2", "to two")  # type: ignore[attr-defined]  # Nucleon's name for the state
         assert connection.get(listener1) is None
         message = connection.get(listener2)
         assert message is not None and message.body == b"to two"
@@ -141,7 +141,7 @@ def seed_get_pool(app):  # type: ignore[no-untyped-def]
 
 # [start ported pool]
 def ported_get_pool():  # type: ignore[no-untyped-def]
-    pool = current_app.amqp.get_amqp_pool()  # the extension's state, in an app context
+    pool = current_app.amqp.get_amqp_pool()  # type: ignore[attr-defined]  # the extension's state, in an app context
     return pool.connection()
 # [end ported pool]
 
@@ -151,8 +151,8 @@ def test_porting_the_pool_lookup(app: Flask) -> None:
         import pytest
 
         with pytest.raises(AttributeError, match="get_amqp_pool"):
-            seed_get_pool(app)  # a Flask app has no pools of its own
-        connection = ported_get_pool()
+            seed_get_pool(app)  # type: ignore[no-untyped-call]  # a Flask app has no pools of its own
+        connection = ported_get_pool()  # type: ignore[no-untyped-call]  # the porting sample is untyped
         assert connection.queue_declare("", exclusive=True)["queue"].startswith("amq.gen-")
 
 
@@ -175,13 +175,13 @@ def test_porting_the_listener_callback(app: Flask, names: Names, capsys: object)
 
     with app.app_context():
         _, listener1, _ = _room(names)
-        conn = current_app.amqp.get_amqp_pool(type="listen").connection()
-        current_app.amqp.publish("", listener1, "héllo")
+        conn = current_app.amqp.get_amqp_pool(type="listen").connection()  # type: ignore[attr-defined]  # Nucleon's name for the state
+        current_app.amqp.publish("", listener1, "héllo")  # type: ignore[attr-defined]  # Nucleon's name for the state
         message = conn.consume(listener1, timeout=10)
         assert message is not None
         with pytest.raises(TypeError, match="str"):
-            seed_recv_callback(conn, 0, message)  # "..." + bytes
-        recv_callback(conn, 0, message)
+            seed_recv_callback(conn, 0, message)  # type: ignore[no-untyped-call]  # "..." + bytes
+        recv_callback(conn, 0, message)  # type: ignore[no-untyped-call]  # the porting sample is untyped
         assert capsys.readouterr().out == "Result received: héllo\n"  # type: ignore[attr-defined]
         assert conn.get(listener1) is None  # acked
 
@@ -195,8 +195,8 @@ amqp = AMQP()
 # @on_initialise runs for every app, @amqp.on_initialise for this extension's apps only.
 @amqp.on_initialise
 def start_listener_thread() -> None:
-    current_app.amqp.publish("", current_app.config["ANNOUNCE_QUEUE"], "started")
-    current_app.amqp.register_and_spawn_amqp_listener(current_app.config["LISTEN_QUEUE"], recv_callback)
+    current_app.amqp.publish("", current_app.config["ANNOUNCE_QUEUE"], "started")  # type: ignore[attr-defined]  # Nucleon's name for the state
+    current_app.amqp.register_and_spawn_amqp_listener(current_app.config["LISTEN_QUEUE"], recv_callback)  # type: ignore[attr-defined]  # Nucleon's name for the state
 # [end ported on_initialise]
 
 

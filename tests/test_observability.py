@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import gevent
 import prometheus_client
 import pytest
 from flask import Flask
 
-from flask_nucleon_amqp import AMQP, AMQPState, NotFound, Unroutable, signals
+from flask_nucleon_amqp import AMQP, AMQPState, NotFound, PukaConnection, Unroutable, signals
 from flask_nucleon_amqp.metrics import register_metrics
 
 from _proxy import Proxy
@@ -117,7 +117,9 @@ def test_metrics_count_failed_publishes_by_reason_and_listener_handling_time(app
     assert value("amqp_publish_failures_total", {"pool": "publish", "reason": "NotFound"}) == 1
     assert value("amqp_publish_failures_total", {"pool": "publish", "reason": "Unroutable"}) == 2
     assert wait_until(lambda: value("amqp_listener_handling_seconds_count", {"queue": queue}) == 3)
-    assert 0.15 <= value("amqp_listener_handling_seconds_sum", {"queue": queue}) < 30
+    handling = value("amqp_listener_handling_seconds_sum", {"queue": queue})
+    assert handling is not None
+    assert 0.15 <= handling < 30
     assert value("amqp_listener_handling_seconds_bucket", {"queue": queue, "le": "0.025"}) == 0
 
 
@@ -129,7 +131,7 @@ def test_frames_are_logged_at_debug_without_contents_or_password(
     queue = names.queue()
     try:
         state.queue_declare(queue)
-        conn = state.connection()
+        conn = cast(PukaConnection, state.connection())
         assert conn._session is not None and not conn._session.client.x_log_frames  # off by default
         with caplog.at_level(logging.DEBUG, logger="flask_nucleon_amqp.frames"):
             state.publish("", queue, b"top secret body", headers={"h": "secret header"})

@@ -11,6 +11,7 @@ import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -77,9 +78,9 @@ def test_wheel_is_typed_and_has_its_metadata(dists: tuple[Path, Path]) -> None:
     assert any(name.startswith(f"{info}/licenses/LICENSE") for name in names)
     assert metadata["Name"] == "flask-nucleon-amqp" and metadata["Version"] == VERSION
     assert metadata["License-Expression"] == "MIT"
-    assert "Typing :: Typed" in metadata.get_all("Classifier")
-    assert {"test", "prometheus"} <= set(metadata.get_all("Provides-Extra"))
-    assert "puka==0.0.8" in metadata.get_all("Requires-Dist")
+    assert "Typing :: Typed" in cast(list[str], metadata.get_all("Classifier"))
+    assert {"test", "prometheus"} <= set(cast(list[str], metadata.get_all("Provides-Extra")))
+    assert "puka==0.0.8" in cast(list[str], metadata.get_all("Requires-Dist"))
     assert "flask_nucleon_amqp = flask_nucleon_amqp.testing" in entry_points  # pytest11
     assert "amqp = flask_nucleon_amqp.cli:amqp_cli" in entry_points  # flask.commands
 

@@ -6,6 +6,7 @@ import os
 
 import gevent
 import pytest
+from flask import Flask
 
 from flask_nucleon_amqp import AMQP, ConfigError, Connection, ConnectionError, Pool, PukaConnection
 from flask_nucleon_amqp.config import PoolSettings, read_config
@@ -56,7 +57,7 @@ def test_a_pool_takes_a_connection_class(names: Names) -> None:
         pool.close()
 
 
-def test_connection_is_a_context_manager_that_does_not_close(app, names: Names) -> None:
+def test_connection_is_a_context_manager_that_does_not_close(app: Flask, names: Names) -> None:
     queue = names.queue()
     with app.extensions["amqp"].get_amqp_pool().connection() as conn:
         conn.queue_declare(queue)
@@ -128,8 +129,8 @@ def test_fork_child_opens_its_own_connections(host: str, names: Names) -> None:
         _, status = os.waitpid(pid, 0)
     os.close(read_end)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, report
-    fresh, own_socket, got = report.split(b" ", 2)
-    assert fresh == b"1" and own_socket == b"1"
+    fresh, own_socket, got = report.split(b" ", 2)  # type: ignore[assignment]  # the parent reads the child's bytes
+    assert fresh == b"1" and own_socket == b"1"  # type: ignore[comparison-overlap]
     assert got == b"from parent before fork"
     # The parent's connection was not disturbed by the child.
     assert parent_conn._session is parent_session and parent_session.usable

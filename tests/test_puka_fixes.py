@@ -9,6 +9,7 @@ import subprocess
 import time
 import types
 import uuid
+from typing import Any
 
 import gevent
 import pytest
@@ -19,6 +20,7 @@ from puka import table as puka_table
 from flask_nucleon_amqp import (
     AMQP,
     ConnectionError,
+    Message,
     NotFound,
     PublishNacked,
     PublishOutcomeUnknown,
@@ -113,7 +115,7 @@ def test_failed_encoding_does_not_shift_confirms(conn: PukaConnection, names: Na
 def test_unexpected_frames_are_dropped_not_fatal(conn: PukaConnection, names: Names) -> None:  # D9, D19
     queue = names.queue()
     conn.queue_declare(queue)
-    got: list = []
+    got: list[Message] = []
     promise = conn.consume(queue, callback=lambda p, m: got.append(m))
     conn.publish("", queue, b"x")
     assert wait_until(lambda: got)
@@ -189,7 +191,7 @@ def test_a_shared_publish_channel_fails_the_others_as_outcome_unknown(
     results: Queue = Queue()
     batch = [("", b"g1"), (missing, b"bad"), ("", b"g2"), ("", b"g3")]
     for exchange, body in batch:
-        conn.publish(exchange, queue, body, callback=lambda _p, result, body=body: results.put((body, result)))
+        conn.publish(exchange, queue, body, callback=lambda _p, result, body=body: results.put((body, result)))  # type: ignore[misc]
     outcomes = dict(results.get(timeout=10) for _ in batch)
     assert isinstance(outcomes.pop(b"bad"), NotFound)
     assert all(result == {} or isinstance(result, PublishOutcomeUnknown) for result in outcomes.values()), outcomes
@@ -216,7 +218,7 @@ def test_cancel_right_after_consume_and_qos(conn: PukaConnection, names: Names) 
 def test_fire_and_forget_promises_are_freed(conn: PukaConnection, names: Names) -> None:  # D22
     queue = names.queue()
     conn.queue_declare(queue)
-    done: list = []
+    done: list[Any] = []
     for i in range(500):
         conn.publish("", queue, str(i), callback=lambda p, r: done.append(r))
     assert wait_until(lambda: len(done) == 500)
@@ -363,6 +365,7 @@ def test_a_channel_nacking_everything_is_replaced_at_most_every_30s(conn: PukaCo
     assert 2.0 < time.monotonic() - started < 5
     assert wait_until(lambda: conn.is_open)
     second = conn._session
+    assert second is not None
     for _ in range(60):  # another 3 s of nothing but nacks: rate-limited, same session
         with pytest.raises(PublishNacked):
             conn.publish("", full, b"refused", timeout=5)

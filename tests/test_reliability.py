@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import gevent
 import greenlet
@@ -27,6 +27,7 @@ from flask_nucleon_amqp import (
     ConnectionBlocked,
     ConnectionError,
     ConnectionLost,
+    PukaConnection,
     VhostNotAllowed,
 )
 
@@ -387,8 +388,8 @@ def test_hundred_cut_reconnect_cycles_leak_no_fd_or_greenlet(node_up: RabbitNode
         noticed = wait_until(lambda: all(c.stats["lost"] > n for c, n in zip(connections, lost, strict=True)), 5)
         assert noticed, \
             f"cycle {number}: a connection did not notice the cut: " + "; ".join(
-                f"{c!r} lost {c.stats['lost']} (was {n}) session {c._session!r} "
-                f"sock {getattr(getattr(c._session, 'client', None), 'sd', None)!r}"
+                f"{c!r} lost {c.stats['lost']} (was {n}) session {cast(PukaConnection, c)._session!r} "
+                f"sock {getattr(getattr(cast(PukaConnection, c)._session, 'client', None), 'sd', None)!r}"
                 for c, n in zip(connections, lost, strict=True))
 
     def all_open() -> None:

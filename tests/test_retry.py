@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from gevent.queue import Queue as GQueue
 
-from flask_nucleon_amqp import AMQP, AMQPState, Binding, Exchange, Message, NotFound, PukaConnection, Queue
+from flask_nucleon_amqp import AMQP, AMQPState, Binding, Connection, Exchange, Message, NotFound, Queue
 from flask_nucleon_amqp.retry import MAX_REASON_LENGTH, RetryPolicy, retry_declarations
 from flask_nucleon_amqp.topology import Topology
 
@@ -55,7 +55,7 @@ def test_a_message_failing_twice_is_handled_once_on_its_third_attempt(names: Nam
     attempts: list[tuple[Any, ...]] = []
     handled: GQueue = GQueue()
 
-    def flaky(connection: PukaConnection, promise: int, message: Message) -> None:
+    def flaky(connection: Connection, promise: int, message: Message) -> None:
         attempts.append((time.monotonic(), message.headers.get("x-retry-count"), message.exchange,
                          message.routing_key, message.body, message.message_id, message.delivery_mode,
                          message.headers.get("tenant"), message.timestamp))
@@ -88,7 +88,7 @@ def test_a_message_failing_every_attempt_ends_in_the_dead_letter_queue_with_its_
     dead = f"{queue}.dead"
     calls: list[Any] = []
 
-    def hopeless(connection: PukaConnection, promise: int, message: Message) -> None:
+    def hopeless(connection: Connection, promise: int, message: Message) -> None:
         calls.append(message.headers.get("x-retry-count"))
         raise PaymentDeclined("card 4242 declined: " + "x" * 2000)
 
@@ -117,7 +117,7 @@ def test_a_message_failing_every_attempt_ends_in_the_dead_letter_queue_with_its_
 def test_max_attempts_one_dead_letters_at_the_first_failure(names: Names, state: AMQPState) -> None:
     queue = _work_queue(names, state)
 
-    def fails(connection: PukaConnection, promise: int, message: Message) -> None:
+    def fails(connection: Connection, promise: int, message: Message) -> None:
         raise KeyError("sku")
 
     listener = state.register_and_spawn_amqp_listener(queue, fails, retry=dict(max_attempts=1, delay=0))
@@ -173,7 +173,7 @@ def test_a_missing_retry_queue_loses_nothing(
     seen: list[Any] = []
     handled: GQueue = GQueue()
 
-    def flaky(connection: PukaConnection, promise: int, message: Message) -> None:
+    def flaky(connection: Connection, promise: int, message: Message) -> None:
         seen.append((message.redelivered, message.headers.get("x-retry-count")))
         if len(seen) == 1:
             raise RuntimeError("first attempt fails")
@@ -243,7 +243,7 @@ def test_the_decorator_registers_retry_queues_before_init_app(names: Names) -> N
     handled: GQueue = GQueue()
 
     @amqp.listener(queue, retry=dict(max_attempts=2, delay=0.1))
-    def on_message(connection: PukaConnection, promise: int, message: Message) -> None:
+    def on_message(connection: Connection, promise: int, message: Message) -> None:
         if "x-retry-count" not in message.headers:
             raise RuntimeError("first attempt fails")
         handled.put(message.body)

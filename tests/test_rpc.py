@@ -6,6 +6,7 @@ import time
 
 import gevent
 import pytest
+from flask import Flask
 
 from flask_nucleon_amqp import Message, PukaConnection, Timeout, Unroutable
 
@@ -23,7 +24,7 @@ def _serve(conn: PukaConnection, queue: str, delay: float = 0.0) -> int:
     return conn.consume(queue, callback=answer)  # type: ignore[no-any-return]
 
 
-def test_call_round_trip(app, names: Names) -> None:
+def test_call_round_trip(app: Flask, names: Names) -> None:
     state = app.extensions["amqp"]
     queue = names.queue("rpc")
     state.queue_declare(queue)
@@ -38,7 +39,7 @@ def test_call_round_trip(app, names: Names) -> None:
     state.cancel(server)
 
 
-def test_call_timeout_and_late_reply_is_dropped(app, names: Names) -> None:
+def test_call_timeout_and_late_reply_is_dropped(app: Flask, names: Names) -> None:
     state = app.extensions["amqp"]
     queue = names.queue("slow")
     state.queue_declare(queue)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gevent
 import gevent.threadpool
@@ -66,7 +66,7 @@ _threads = gevent.threadpool.ThreadPool(50)
 
 
 def _request(port: int, method: str, path: str) -> tuple[int, Any]:
-    return _threads.apply(_http, (port, method, path))
+    return cast(tuple[int, Any], _threads.apply(_http, (port, method, path)))
 
 
 def _try_state(port: int) -> dict[str, Any] | None:
@@ -326,7 +326,7 @@ def test_a_stalled_hub_cannot_hang_a_calling_thread(names: Names) -> None:
     try:
         state.queue_declare(queue)
         state.publish("", queue, "stall")
-        state.consume(queue, lambda _promise, message: time.sleep(6) or message.ack())
+        state.consume(queue, lambda _promise, message: time.sleep(6) or message.ack())  # type: ignore[func-returns-value]  # side effects in a lambda
         gevent.sleep(0.5)  # the callback is sleeping in the hub thread now
         started = time.monotonic()
         with pytest.raises(Timeout, match="no answer from the AMQP hub"):
@@ -343,7 +343,7 @@ def test_a_thread_running_its_own_hub_waits_cooperatively(names: Names) -> None:
     state: AMQPState = app.extensions["amqp"]
     queue = names.queue()
     ticks: list[float] = []
-    ticker = gevent.spawn(lambda: [ticks.append(time.monotonic()) or gevent.sleep(0.05) for _ in range(40)])
+    ticker = gevent.spawn(lambda: [ticks.append(time.monotonic()) or gevent.sleep(0.05) for _ in range(40)])  # type: ignore[func-returns-value]  # side effects in a lambda
     try:
         state.queue_declare(queue)
         started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -61,7 +62,7 @@ def test_publish_confirm_return_receive_ack_reject(conn: PukaConnection, names: 
 
 def test_connection_lost_and_recovered_are_signalled(conn: PukaConnection, names: Names, received: Any) -> None:
     conn.queue_declare(names.queue())
-    mine = lambda: [event for event in received if event[1] is conn]  # noqa: E731
+    mine: Callable[[], list[Any]] = lambda: [event for event in received if event[1] is conn]  # noqa: E731
     assert [name for name, _, _ in mine()] == ["connection_opened"]
     close_broker_connection(conn, "signal test")
     assert wait_until(lambda: "connection_recovered" in [name for name, _, _ in mine()], timeout=15)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import gevent
 import pytest
 
-from flask_nucleon_amqp import AMQPState, AuthenticationError, ConnectionError
+from flask_nucleon_amqp import AMQPState, AuthenticationError, ConnectionError, PukaConnection
 
 from _proxy import Proxy
 from _workload import cleanup, make_state, queue_name
@@ -121,7 +121,9 @@ def test_mutual_tls_presents_the_client_certificate(node_up: RabbitNode, secret_
     state = tls_state(node_up, ca_file=tls.ca, cert_file=tls.client_cert, key_file=tls.client_key)
     conn = state.connection()
     conn.queue_declare(queue_name("mtls-probe"), exclusive=True)
-    local_port = conn._session.client.sd.getsockname()[1]
+    session = cast(PukaConnection, conn)._session
+    assert session is not None
+    local_port = session.client.sd.getsockname()[1]
     rows = node_up.connections()
     mine = [row for row in rows if row.get("peer_port") == local_port]
     assert mine, f"the broker does not list our connection from port {local_port}: {rows}"

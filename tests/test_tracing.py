@@ -15,7 +15,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pika
 import pytest
@@ -27,7 +27,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from flask_nucleon_amqp import AMQP, AMQPState, Message, NotFound, PukaConnection, Unroutable, memory, tracing
+from flask_nucleon_amqp import (
+    AMQP,
+    AMQPState,
+    Connection,
+    Message,
+    NotFound,
+    Unroutable,
+    memory,
+    tracing,
+)
 from flask_nucleon_amqp.cli import amqp_cli
 
 from conftest import BROKER_HOST, BROKER_PORT, BROKER_URL, Names, make_app, wait_until
@@ -74,7 +83,7 @@ def test_http_request_publish_and_listener_make_one_trace(
         names: Names, tapp: Flask, state: AMQPState, spans: InMemorySpanExporter) -> None:
     queue = names.queue()
     state.queue_declare(queue)
-    FlaskInstrumentor().instrument_app(tapp, tracer_provider=spans.provider)  # type: ignore[attr-defined]
+    FlaskInstrumentor().instrument_app(tapp, tracer_provider=spans.provider)  # type: ignore[attr-defined, no-untyped-call]
     try:
         @tapp.post("/order")
         def order() -> str:
@@ -86,7 +95,7 @@ def test_http_request_publish_and_listener_make_one_trace(
         assert tapp.test_client().post("/order").status_code == 200
         message = handled.get(timeout=10)
     finally:
-        FlaskInstrumentor().uninstrument_app(tapp)
+        FlaskInstrumentor().uninstrument_app(tapp)  # type: ignore[no-untyped-call]  # untyped library
     assert message.headers["traceparent"].startswith("00-")
     (server,) = [s for s in _named(spans, "POST") if s.kind is SpanKind.SERVER]
     (producer,) = _named(spans, "publish ")
@@ -108,6 +117,8 @@ def test_http_request_publish_and_listener_make_one_trace(
     assert attributes[tracing.OUTCOME] == "acked"
     assert producer.status.status_code is StatusCode.UNSET and consumer.status.status_code is StatusCode.UNSET
     # The producer span ends at the confirm: within the request, before the listener is done.
+    assert server.start_time is not None and producer.start_time is not None
+    assert producer.end_time is not None and server.end_time is not None
     assert server.start_time <= producer.start_time and producer.end_time <= server.end_time
 
 
@@ -137,7 +148,7 @@ def test_failed_publishes_end_their_span_with_the_error(
         assert span.status.status_code is StatusCode.ERROR
         assert (span.attributes or {})["error.type"] == f"flask_nucleon_amqp.exceptions.{error.__name__}"
         assert [event.name for event in span.events] == ["exception"]
-        assert (span.events[0].attributes or {})["exception.type"].endswith(error.__name__)
+        assert cast(str, (span.events[0].attributes or {})["exception.type"]).endswith(error.__name__)
     assert not_found.name == f"publish {missing}:k"
 
 
@@ -157,7 +168,7 @@ def test_a_requeued_message_records_its_exception_and_outcome(
     queue = names.queue()
     state.queue_declare(queue)
 
-    def flaky(connection: PukaConnection, promise: int, message: Message) -> None:
+    def flaky(connection: Connection, promise: int, message: Message) -> None:
         if not message.redelivered:
             raise ValueError("first time fails")
 
@@ -182,7 +193,7 @@ def test_rejected_retried_and_dead_lettered_outcomes(names: Names, state: AMQPSt
     state.queue_declare(rejecting)
     state.queue_declare(retrying)
 
-    def fails(connection: PukaConnection, promise: int, message: Message) -> None:
+    def fails(connection: Connection, promise: int, message: Message) -> None:
         raise RuntimeError("no")
 
     state.register_and_spawn_amqp_listener(rejecting, fails, on_error="reject")
@@ -195,7 +206,8 @@ def test_rejected_retried_and_dead_lettered_outcomes(names: Names, state: AMQPSt
     assert outcomes == {(f"process {rejecting}", "rejected"), (f"process {retrying}", "retried"),
                         (f"process {retrying}", "dead-lettered")}
     # The retry is published from inside the first attempt's span, and the second attempt continues it.
-    first, second = sorted((s for s in processed if s.name == f"process {retrying}"), key=lambda s: s.start_time)
+    first, second = sorted((s for s in processed if s.name == f"process {retrying}"),
+                           key=lambda s: cast(int, s.start_time))
     republish = [s for s in _named(spans, "publish ", 4) if _parent_id(s) == first.context.span_id]
     assert len(republish) == 1 and _parent_id(second) == republish[0].context.span_id
     assert len({first.context.trace_id, second.context.trace_id}) == 1
@@ -290,6 +302,7 @@ def test_call_is_one_span_until_the_reply(names: Names, state: AMQPState, spans:
     process = next(s for s in _named(spans, "process ") if s.name == f"process {queue}")
     assert _parent_id(process) == call.context.span_id
     (reply_publish,) = [s for s in _named(spans, "publish ") if _parent_id(s) == process.context.span_id]
+    assert call.start_time is not None and reply_publish.end_time is not None and call.end_time is not None
     assert call.start_time < reply_publish.end_time <= call.end_time
 
 
