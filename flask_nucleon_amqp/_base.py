@@ -36,6 +36,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import gevent
 from gevent.event import AsyncResult, Event
+from greenlet import greenlet
 
 from . import _puka, signals
 from . import tracing as _tracing
@@ -64,6 +65,9 @@ _REPLY_TO = "amq.rabbitmq.reply-to"
 #: How many of the latest confirm latencies each connection keeps for the percentiles of stats().
 CONFIRM_WINDOW = 1024
 
+#: How long (seconds) a consumer's greenlet waits for more deliveries after its inbox empties.
+WORKER_LINGER = 1.0
+
 
 def _emit(signal: Any, sender: Any, **kwargs: Any) -> None:
     """Send a blinker signal if anyone listens; a failing receiver never breaks the connection."""
@@ -91,7 +95,10 @@ class _BaseConsumer:
         self.box: AsyncResult = AsyncResult()
         #: Deliveries waiting for the callback, and the greenlet running it (only while there are some).
         self.inbox: deque[Message] = deque()
-        self.worker: Any = None
+        self.worker: greenlet | None = None
+        #: True while the worker waits for deliveries (see WORKER_LINGER); ``linger`` ends that wait.
+        self.parked = False
+        self.linger: Any = None
 
 
 class _BaseSession:
@@ -434,27 +441,56 @@ class BaseConnection(Generic[_ConsumerT, _SessionT]):
         return current is self._dispatcher or any(c.worker is current for c in self._consumers.values())
 
     def _to_consumer(self, consumer: _ConsumerT, message: Message) -> None:
-        """Queue a delivery for its consumer's greenlet (started when it has none)."""
+        """Queue a delivery for its consumer's greenlet (woken, or started when it has none)."""
         consumer.inbox.append(message)
-        if consumer.worker is None:
+        if consumer.worker is None or consumer.parked:
             self._callbacks_running += 1
             self._idle.clear()
-            consumer.worker = gevent.spawn_raw(self._consumer_loop, consumer)  # the lightest greenlet gevent has
+            if consumer.worker is None:
+                # The lightest greenlet there is; it ends into the hub, like gevent.spawn_raw's.
+                consumer.worker = greenlet(self._consumer_loop, gevent.get_hub())
+            else:
+                consumer.parked = False
+                consumer.linger.stop()  # woken by us: the timer must not wake it too
+            self._start_worker(consumer.worker, consumer)
+
+    def _start_worker(self, worker: greenlet, consumer: _ConsumerT) -> None:
+        """Start or wake a consumer's greenlet once the current one yields (a transport may do it sooner)."""
+        worker.parent.loop.run_callback(worker.switch, consumer)
 
     def _consumer_loop(self, consumer: _ConsumerT) -> None:
-        """Run one consumer's callback for each of its deliveries, in order; end when there are none."""
+        """Run one consumer's callback for each of its deliveries, in order.
+
+        Once the inbox is empty the greenlet parks for up to ``WORKER_LINGER``
+        seconds, where the next delivery wakes it: a new greenlet for every
+        burst of deliveries costs more than the rest of the way to the callback.
+        """
         inbox = consumer.inbox
+        hub = gevent.get_hub()
+        linger = consumer.linger = hub.loop.timer(WORKER_LINGER, ref=False)
+        me = gevent.getcurrent()
         try:
-            while inbox:
-                message = inbox.popleft()
-                try:
-                    self._deliver(consumer, message)
-                except Exception:  # noqa: BLE001 - a failing callback must not stop the others
-                    self._log.exception("AMQP callback %r raised", consumer.callback)
+            while True:
+                while inbox:
+                    try:
+                        self._deliver(consumer, inbox.popleft())
+                    except Exception:  # noqa: BLE001 - a failing callback must not stop the others
+                        self._log.exception("AMQP callback %r raised", consumer.callback)
+                consumer.parked = True
+                self._callbacks_running -= 1
+                self._maybe_idle()
+                linger.start(me.switch)
+                hub.switch()  # back when _to_consumer wakes it (no longer parked) or the timer fires
+                if consumer.parked:
+                    return
         finally:
+            linger.stop()
             consumer.worker = None
-            self._callbacks_running -= 1
-            self._maybe_idle()
+            if consumer.parked:
+                consumer.parked = False
+            else:  # left while running (killed): it still counts as a running callback
+                self._callbacks_running -= 1
+                self._maybe_idle()
 
     # -- publishing -----------------------------------------------------------------------------
     def publish(self, exchange: str, routing_key: str, body: bytes | str | None = None, *,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.select
 from gevent.event import AsyncResult, Event
+from greenlet import greenlet
 from puka import spec as puka_spec
 
 from . import _puka
@@ -42,6 +43,12 @@ _CLIENT_PROPERTIES = {"product": "flask_nucleon_amqp", "platform": "Python/geven
 def _tls_failure(exc: BaseException) -> str:
     """Why the TLS handshake failed, without OpenSSL's source location (``(_ssl.c:1006)``)."""
     return "TLS handshake failed: " + re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc))
+
+
+def _callbacks_pending(loop: Any) -> bool:
+    """True when the gevent loop has callbacks queued (``run_callback``); when it cannot tell, True."""
+    callbacks = getattr(loop, "_callbacks", None)  # gevent's queue, on the libev and libuv loops alike
+    return callbacks is None or len(callbacks) > 0
 
 
 class _PukaSession(_BaseSession):
@@ -83,6 +90,8 @@ class _PukaSession(_BaseSession):
         #: Channels whose oldest delivery stays unsettled for thousands of others: acked one by one.
         self.uncoalesced: set[Any] = set()
         self.io: gevent.Greenlet | None = None
+        #: A consumer greenlet the I/O greenlet made and switches to when it next waits, with its consumer.
+        self.next_worker: tuple[greenlet, Any] | None = None
 
     def __repr__(self) -> str:
         return f"<_PukaSession {self.owner.settings.safe_url(self.node)} alive={self.alive}>"
@@ -162,7 +171,12 @@ class _PukaSession(_BaseSession):
             watcher = self.hub.loop.io(fd, _READ)
             read, hub_wait, monotonic = client.safe_read, self.hub.wait, time.monotonic
             while client.sd is not None:
-                hub_wait(watcher)
+                handed = self.next_worker
+                if handed is None:
+                    hub_wait(watcher)
+                else:
+                    self.next_worker = None
+                    self._wait_in_worker(watcher, *handed)
                 self.last_recv = monotonic()
                 read()
                 if client.promises.ready:
@@ -177,7 +191,29 @@ class _PukaSession(_BaseSession):
         finally:
             self._die()
 
+    def _wait_in_worker(self, watcher: Any, worker: greenlet, consumer: Any) -> None:
+        """Wait for the socket by switching to the consumer greenlet just made, not to the hub.
+
+        Its callback then runs at once, not after a turn of the hub's loop; the
+        greenlet still ends (or blocks) into the hub, which switches back here
+        when the socket is readable. When the hub has callbacks to run (a
+        ``consume()`` or a publisher this read woke up), they run first, as
+        they would have if the consumer greenlet were started through the hub.
+        """
+        if _callbacks_pending(self.hub.loop):
+            self.hub.loop.run_callback(worker.switch, consumer)
+            self.hub.wait(watcher)
+            return
+        watcher.start(gevent.getcurrent().switch)
+        try:
+            worker.switch(consumer)
+        finally:
+            watcher.stop()
+
     def _die(self) -> None:
+        handed, self.next_worker = self.next_worker, None
+        if handed is not None:  # never switched to: it still has deliveries to run
+            self.hub.loop.run_callback(handed[0].switch, handed[1])
         client = self.client
         if client.sd is not None:
             client.fail(_puka.ConnectionBroken(self.death_reason or "connection closed"))
@@ -235,7 +271,12 @@ class _PukaSession(_BaseSession):
             self.hub.loop.run_callback(self._flush)
 
     def queued(self) -> None:
-        """A publish was queued: note the buffer's high-water mark, and flush once the greenlet yields."""
+        """A publish was queued: note the buffer's high-water mark, and send it.
+
+        The first publish of a turn of the hub goes out at once (it does not wait
+        for the hub: latency); those after it go in one flush once the greenlet
+        yields (one send per batch).
+        """
         size = len(self.client.send_buf)
         stats = self.owner.stats
         if size > stats["buffer_peak"]:
@@ -243,6 +284,8 @@ class _PukaSession(_BaseSession):
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.hub.loop.run_callback(self._flush)
+            if self.writer is None:
+                self._write_some()
 
     def _flush(self) -> None:
         self.flush_scheduled = False
