@@ -502,7 +502,7 @@ def test_example_app_workers_booting_at_once_create_its_tables(tmp_path: Path) -
                                      str(start), f"sqlite:///{database}"], stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT) for _ in range(6)]
         outputs = [worker.communicate(timeout=60)[0].decode() for worker in workers]
-        failed = [output for worker, output in zip(workers, outputs) if worker.returncode != 0]
+        failed = [output for worker, output in zip(workers, outputs, strict=True) if worker.returncode != 0]
         assert not failed, f"{len(failed)} of 6 workers failed to create the app:\n{failed[0][-2000:]}"
         engine = sa.create_engine(f"sqlite:///{database}")
         try:
