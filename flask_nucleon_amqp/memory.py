@@ -57,16 +57,8 @@ import gevent
 
 from . import _puka
 from ._base import _REPLY_TO, BaseConnection, _promise_ids, _Publish
-from ._memory_broker import (
-    MemoryBroker,
-    _Delivery,
-    _MemoryConsumer,
-    _MemorySession,
-    _Queue,
-    broker,
-    find,
-    reset,
-)
+from ._memory_broker import MemoryBroker, broker, find, reset
+from ._memory_queue import _Delivery, _MemoryConsumer, _MemorySession, _Queue
 from ._memory_routing import _ConnectionFatal, _Envelope, _wire
 from .config import PoolSettings
 from .exceptions import AMQPError, ConnectionError, ConnectionLost, MessageStateError

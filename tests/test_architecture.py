@@ -19,13 +19,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "message", "runtime", "signals", "tracing", "_codec"),
     ("_puka",),
     ("_base", "protocol"),
-    ("connection", "_puka_session", "memory", "_memory_broker", "_memory_routing"),  # the transports
+    ("connection", "_puka_session", "memory", "_memory_broker", "_memory_queue", "_memory_routing"),  # transports
     ("pool",),
     ("topology", "retry"),
     ("listener",),
     ("lifecycle", "_cli_group"),
     ("extension",),  # all the Flask wiring: init_app, before_request, the `flask amqp` group, app.extensions
-    ("outbox",),  # the transactional outbox: publishes through the extension's pools
+    # The transactional outbox: publishes through the extension's pools. ``outbox`` is its face (Outbox, the
+    # session hooks) and re-exports the rest; ``_outbox_relay`` names Outbox only for the type checker.
+    ("outbox", "_outbox_relay", "_outbox_cli", "_outbox_metrics"),
     ("cli", "gunicorn", "testing", "metrics"),
     ("__init__",),  # the package's face: re-exports, and loads the CLI commands
 )
