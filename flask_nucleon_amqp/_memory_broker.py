@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _puka
-from ._base import _EXCHANGE_TYPES, _REPLY_TO
+from ._argument_checks import _EXCHANGE_TYPES
 from ._memory_queue import _Delivery, _MemoryConsumer, _MemorySession, _Peer, _Queue
 from ._memory_routing import (
     _MISSING,
@@ -37,6 +37,7 @@ from ._memory_routing import (
     _now_timestamp,
     _vhost_text,
 )
+from ._request_reply import _REPLY_TO
 from .exceptions import AMQPError, PublishNacked, Unroutable
 
 __all__ = ["MemoryBroker", "broker", "find", "reset"]

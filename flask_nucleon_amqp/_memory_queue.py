@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 
-from ._base import _BaseConsumer, _BaseSession
+from ._connection_records import _BaseConsumer, _BaseSession
 from ._memory_routing import _Envelope
 from .config import Node, PoolSettings
 from .message import Message

@@ -51,7 +51,7 @@ from typing import Any
 from flask import Flask, current_app, has_app_context
 
 from . import _puka
-from ._base import _properties
+from ._argument_checks import _properties
 from .config import OUTBOX_SETTINGS
 from .exceptions import ConfigError
 from .message import _NOTHING, encode_body
