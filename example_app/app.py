@@ -33,6 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Flask, abort, current_app, jsonify, request
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from flask_nucleon_amqp import AMQP, Binding, Exchange, Message, PukaConnection, Queue
 from flask_nucleon_amqp.outbox import Outbox
@@ -97,6 +98,21 @@ def deliver(user: str, connection: PukaConnection, promise: int, message: Messag
     connection.ack(message)  # as in Nucleon; returning without it would ack too
 
 
+def create_tables() -> None:
+    """``db.create_all()`` that gunicorn's workers can all run at once on a new database.
+
+    ``create_all`` checks, then creates: two workers booting together both find a table missing,
+    and the second CREATE fails ("table already exists"), so that worker fails to boot and
+    gunicorn stops. ``CREATE ... IF NOT EXISTS`` cannot race. (A real app runs its migrations
+    once, before the workers start.)
+    """
+    with db.engine.begin() as connection:
+        for table in db.metadata.sorted_tables:
+            connection.execute(CreateTable(table, if_not_exists=True))
+            for index in table.indexes:
+                connection.execute(CreateIndex(index, if_not_exists=True))
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Application factory: app.cfg, then $CHAT_SETTINGS if set, then ``config``."""
     app = Flask(__name__)
@@ -108,7 +124,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     outbox.init_app(app)
     app.amqp.topology.add(*chat_topology(app))  # type: ignore[attr-defined]
     with app.app_context():
-        db.create_all()  # the chat log and the outbox table (an Alembic migration in a real app)
+        create_tables()  # the chat log and the outbox table (an Alembic migration in a real app)
 
     app.register_blueprint(page)  # GET / (the chat page) and GET /users/<user>/events (its live stream)
 

@@ -25,7 +25,8 @@ from greenlet import greenlet
 from puka import spec as puka_spec
 
 from . import _puka
-from ._base import _BaseSession
+from ._connection_records import _BaseSession
+from ._puka_client import FixedClient
 from .config import Node
 from .exceptions import AMQPError, AuthenticationError, ConnectionError, Timeout, VhostNotAllowed
 
@@ -59,7 +60,7 @@ class _PukaSession(_BaseSession):
         self.owner = owner
         self.node = node
         self.hub = gevent.get_hub()
-        self.client = _puka.FixedClient(
+        self.client = FixedClient(
             address, node.port, settings.user, settings.password, settings.vhost,
             heartbeat=int(settings.heartbeat),
             ssl_context=settings.tls.context() if settings.tls else None,

@@ -33,14 +33,11 @@ from greenlet import greenlet
 from puka import spec as puka_spec
 
 from . import _puka
-from ._base import (
-    _REPLY_TO,
-    BaseConnection,
-    _BaseConsumer,
-    _promise_ids,
-    _Publish,
-)
+from ._base import BaseConnection
+from ._connection_records import _BaseConsumer, _promise_ids
+from ._publishing import _Publish
 from ._puka_session import _PukaSession
+from ._request_reply import _REPLY_TO
 from .config import Node, PoolSettings
 from .exceptions import (
     AMQPError,

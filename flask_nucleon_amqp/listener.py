@@ -80,9 +80,9 @@ from gevent.event import AsyncResult, Event
 from . import retry as _retry
 from . import signals
 from . import tracing as _tracing
-from ._base import _emit
 from .exceptions import AMQPError, ConnectionError, MessageStateError, Timeout
 from .retry import RetryPolicy
+from .signals import _emit
 from .topology import Topology
 
 if TYPE_CHECKING:

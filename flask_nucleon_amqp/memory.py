@@ -56,18 +56,13 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from . import _puka
-from ._base import _REPLY_TO, BaseConnection, _promise_ids, _Publish
-from ._memory_broker import (
-    MemoryBroker,
-    _Delivery,
-    _MemoryConsumer,
-    _MemorySession,
-    _Queue,
-    broker,
-    find,
-    reset,
-)
+from ._base import BaseConnection
+from ._connection_records import _promise_ids
+from ._memory_broker import MemoryBroker, broker, find, reset
+from ._memory_queue import _Delivery, _MemoryConsumer, _MemorySession, _Queue
 from ._memory_routing import _ConnectionFatal, _Envelope, _wire
+from ._publishing import _Publish
+from ._request_reply import _REPLY_TO
 from .config import PoolSettings
 from .exceptions import AMQPError, ConnectionError, ConnectionLost, MessageStateError
 from .message import Message

@@ -26,6 +26,9 @@ message_handled        queue, seconds, failed (sender: the Listener; its callbac
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from blinker import Namespace
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "message_rejected", "consumer_cancelled", "connection_opened", "connection_lost", "connection_recovered",
     "connection_blocked", "connection_unblocked", "publish_failed", "message_handled",
 ]
+
+log = logging.getLogger(__name__)
 
 _signals = Namespace()
 
@@ -50,3 +55,12 @@ connection_blocked = _signals.signal("amqp-connection-blocked")
 connection_unblocked = _signals.signal("amqp-connection-unblocked")
 publish_failed = _signals.signal("amqp-publish-failed")
 message_handled = _signals.signal("amqp-message-handled")
+
+
+def _emit(signal: Any, sender: Any, **kwargs: Any) -> None:
+    """Send a blinker signal if anyone listens; a failing receiver never breaks the connection."""
+    if signal.receivers:
+        try:
+            signal.send(sender, **kwargs)
+        except Exception:  # noqa: BLE001
+            log.exception("a receiver of %s raised", signal.name)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PUKA = "flask_nucleon_amqp/_puka.py"
+PUKA = "flask_nucleon_amqp/_puka.py"  # the module patches
+PUKA_CLIENT = "flask_nucleon_amqp/_puka_client.py"  # the fixed client
 FIXES_TESTS = "tests/test_puka_fixes.py"
 
 
@@ -54,7 +55,7 @@ FIXES: list[Fix] = [
     Fix("D4 credentials as bytes", PUKA,
         *_patched("puka_spec.encode_connection_start_ok = _encode_connection_start_ok"),
         (f"{FIXES_TESTS}::test_non_ascii_credentials_and_vhost",)),
-    Fix("D4 vhost as bytes", PUKA,
+    Fix("D4 vhost as bytes", PUKA_CLIENT,
         '        self.vhost = shortstr(vhost, "vhost")  # D4\n',
         "        self.vhost = vhost  # reverted\n",
         (f"{FIXES_TESTS}::test_non_ascii_credentials_and_vhost",)),
@@ -71,7 +72,7 @@ FIXES: list[Fix] = [
     Fix("D9 an unexpected method is dropped", PUKA,
         *_patched("puka_promise.Promise.recv_method = _recv_method"),
         (f"{FIXES_TESTS}::test_methods_nobody_asked_for_are_dropped",)),
-    Fix("D15 TCP_NODELAY", PUKA,
+    Fix("D15 TCP_NODELAY", PUKA_CLIENT,
         "        self.sd.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n", "",
         (f"{FIXES_TESTS}::test_tcp_nodelay_is_set",)),
     Fix("D17 qos/cancel wait for consume-ok", PUKA,
@@ -84,15 +85,15 @@ FIXES: list[Fix] = [
     Fix("D23 a channel error fails its own publish; the others' outcome is unknown", PUKA,
         *_patched("puka_machine._pt_channel_close = _pt_channel_close"),
         (f"{FIXES_TESTS}::test_a_shared_publish_channel_fails_the_others_as_outcome_unknown",)),
-    Fix("D23 a publish channel per exchange", PUKA,
+    Fix("D23 a publish channel per exchange", PUKA_CLIENT,
         "        pt = self.x_exchange_channels.get(exchange) or self._open_publish_channel(exchange)\n",
         "        pt = self.x_publish_promise  # reverted\n",
         ("tests/test_api.py::test_one_bad_publish_in_a_batch_fails_alone[rabbitmq]",)),
-    Fix("D2 a peer that is not a broker fails fast", PUKA,
+    Fix("D2 a peer that is not a broker fails fast", PUKA_CLIENT,
         "    def _handle_conn_read(self, data: bytes, offset: int) -> Any:\n",
         "    def _x_reverted_handle_conn_read(self, data: bytes, offset: int) -> Any:\n",
         (f"{FIXES_TESTS}::test_garbage_from_the_peer_fails_fast_instead_of_poisoning",)),
-    Fix("D12 a dead client raises ConnectionBroken", PUKA,
+    Fix("D12 a dead client raises ConnectionBroken", PUKA_CLIENT,
         "    def fileno(self) -> int:\n        if self.sd is None:\n"
         '            raise ConnectionBroken("connection is closed")\n',
         "    def fileno(self) -> int:\n",

@@ -1,5 +1,5 @@
 """The package's structure, checked by reading the source (ast): imports only go down the layers, there is no
-import circle, and only _puka.py touches puka's internals."""
+import circle, only the puka modules (_puka.py, _puka_client.py) touch puka's internals, and no module is too long."""
 
 from __future__ import annotations
 
@@ -17,15 +17,18 @@ PACKAGE = Path(flask_nucleon_amqp.__file__).resolve().parent
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("exceptions",),
     ("config", "message", "runtime", "signals", "tracing", "_codec"),
-    ("_puka",),
-    ("_base", "protocol"),
-    ("connection", "_puka_session", "memory", "_memory_broker", "_memory_routing"),  # the transports
+    ("_puka", "_puka_client"),  # puka's fixes: module patches and publish frames; the fixed client
+    ("_base", "protocol", "_connection_records", "_argument_checks", "_session_life", "_publishing",
+     "_topology_methods", "_request_reply"),  # the contract, and the base connection with its parts
+    ("connection", "_puka_session", "memory", "_memory_broker", "_memory_queue", "_memory_routing"),  # transports
     ("pool",),
     ("topology", "retry"),
     ("listener",),
     ("lifecycle", "_cli_group"),
     ("extension",),  # all the Flask wiring: init_app, before_request, the `flask amqp` group, app.extensions
-    ("outbox",),  # the transactional outbox: publishes through the extension's pools
+    # The transactional outbox: publishes through the extension's pools. ``outbox`` is its face (Outbox, the
+    # session hooks) and re-exports the rest; ``_outbox_relay`` names Outbox only for the type checker.
+    ("outbox", "_outbox_relay", "_outbox_cli", "_outbox_metrics"),
     ("cli", "gunicorn", "testing", "metrics"),
     ("__init__",),  # the package's face: re-exports, and loads the CLI commands
 )
@@ -149,15 +152,15 @@ def test_the_import_parser_sees_every_form() -> None:
     assert _imports_in(source, "probe", running=True) == {"signals", "__init__", "pool", "cli", "retry", "listener"}
 
 
-# -- puka's internals stay in _puka.py ----------------------------------------------------------------
-#: The one module that may touch puka's internals (its fixes and accessors live there).
-PUKA_MODULE = "_puka.py"
+# -- puka's internals stay in the puka modules ---------------------------------------------------------
+#: The only modules that may touch puka's internals: its fixes (module patches, the fixed client) and accessors.
+PUKA_MODULES = frozenset({"_puka", "_puka_client"})
 #: Names that, in this package, hold puka objects: its client, promise and channel registries.
 PUKA_HANDLES = frozenset({"client", "promises", "channels", "puka_promise", "promise", "channel"})
 
 
 def _puka_names(tree: ast.Module) -> set[str]:
-    """Names a module binds to puka's modules (and to our _puka module, whose ``_`` names are private too)."""
+    """Names a module binds to puka's modules (and to our puka modules, whose ``_`` names are private too)."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -167,7 +170,7 @@ def _puka_names(tree: ast.Module) -> set[str]:
             if node.module and node.module.split(".")[0] == "puka":
                 names.update(alias.asname or alias.name for alias in node.names)
             elif node.level and (node.module or "") == "":
-                names.update(alias.asname or alias.name for alias in node.names if alias.name == "_puka")
+                names.update(alias.asname or alias.name for alias in node.names if alias.name in PUKA_MODULES)
     return names
 
 
@@ -199,7 +202,7 @@ def private_puka_accesses(source: str) -> list[str]:
 def test_the_check_finds_what_connection_py_used_to_do() -> None:
     source = """
 from puka import spec as puka_spec
-from . import _puka
+from . import _puka, _puka_client
 
 def f(session, client, puka_promise):
     session.client.promises._promises.get(1)
@@ -210,6 +213,7 @@ def f(session, client, puka_promise):
     puka_promise._x
     session._closed           # ours, not puka's
     client.send_frames(1, [])  # public accessor
+    _puka_client._log_frame
 """
     assert private_puka_accesses(source) == [
         "line 6: session.client.promises._promises",
@@ -217,15 +221,27 @@ def f(session, client, puka_promise):
         "line 9: puka_spec._private",
         "line 10: _puka._lenient_as_str",
         "line 11: puka_promise._x",
+        "line 14: _puka_client._log_frame",
     ]
 
 
-def test_only_puka_module_touches_puka_internals() -> None:
+def test_only_puka_modules_touch_puka_internals() -> None:
     offenders = {}
     for path in sorted(PACKAGE.glob("*.py")):
-        if path.name == PUKA_MODULE:
+        if path.stem in PUKA_MODULES:
             continue
         found = private_puka_accesses(path.read_text(encoding="utf-8"))
         if found:
             offenders[path.name] = found
-    assert offenders == {}, f"puka internals used outside {PUKA_MODULE}: {offenders}"
+    assert offenders == {}, f"puka internals used outside {sorted(PUKA_MODULES)}: {offenders}"
+
+
+# -- module size ----------------------------------------------------------------------------------------
+#: The most lines a module of the package may have: past it, split the module by concept.
+MAX_MODULE_LINES = 800
+
+
+def test_no_module_is_too_long() -> None:
+    counts = {path.name: len(path.read_text(encoding="utf-8").splitlines()) for path in sorted(PACKAGE.glob("*.py"))}
+    too_long = [f"{name}: {count} lines" for name, count in counts.items() if count > MAX_MODULE_LINES]
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines (split them by concept): {too_long}"

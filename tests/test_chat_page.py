@@ -66,6 +66,10 @@ def _gunicorn(env: dict[str, str], log: Path) -> Iterator[tuple[subprocess.Popen
                                    "wsgi:app"], cwd=EXAMPLE, env=env, stdout=out, stderr=out)
     try:
         yield server, port
+    except BaseException:
+        print(f"gunicorn's log ({'running' if server.poll() is None else f'exited {server.returncode}'}):\n"
+              f"{log.read_text(errors='replace')[-6000:]}")  # shown with the failure
+        raise
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)

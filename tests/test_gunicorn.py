@@ -271,7 +271,10 @@ def _connections_of(pids: set[int]) -> Counter[int]:
                              check=True, capture_output=True, text=True, timeout=60).stdout
     found: Counter[int] = Counter()
     for entry in json.loads(listing or "[]"):
-        properties = {key: value for key, _type, value in entry["client_properties"]}
+        # [[key, type, value], ...]; a connection still in its handshake lists something else (no name yet).
+        given = entry.get("client_properties")
+        properties = {item[0]: item[2] for item in given if isinstance(item, list) and len(item) == 3} \
+            if isinstance(given, list) else {}
         match = re.fullmatch(r".* pid (\d+)", str(properties.get("connection_name", "")))
         if match and int(match[1]) in pids:
             found[int(match[1])] += 1

@@ -483,6 +483,34 @@ def test_example_app_logged_message_goes_through_the_outbox(tmp_path: Path, name
         state.close(timeout=5)
 
 
+#: Each process imports the example app, waits for the same instant, then creates it (its tables).
+_BOOT_AT_ONCE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from app import create_app
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+create_app({"SQLALCHEMY_DATABASE_URI": sys.argv[3], "AMQP_DECLARE_ON_START": False, "AMQP_START_LISTENERS": False})
+"""
+
+
+def test_example_app_workers_booting_at_once_create_its_tables(tmp_path: Path) -> None:
+    """gunicorn's workers all create the app at once; on a new database none may fail ("already exists")."""
+    for attempt in range(2):
+        database = tmp_path / f"chat-{attempt}.db"
+        start = time.time() + 4  # after every process has imported the app
+        workers = [subprocess.Popen([sys.executable, "-c", _BOOT_AT_ONCE, str(HERE.parent / "example_app"),
+                                     str(start), f"sqlite:///{database}"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT) for _ in range(6)]
+        outputs = [worker.communicate(timeout=60)[0].decode() for worker in workers]
+        failed = [output for worker, output in zip(workers, outputs, strict=True) if worker.returncode != 0]
+        assert not failed, f"{len(failed)} of 6 workers failed to create the app:\n{failed[0][-2000:]}"
+        engine = sa.create_engine(f"sqlite:///{database}")
+        try:
+            assert {"chat_log", "amqp_outbox"} <= set(sa.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+
+
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 def test_commits_in_os_threads_are_published_by_the_hub_thread(database: str, names: Names) -> None:
     """AMQP_RUNTIME="thread" (flask run, gunicorn gthread): commits in OS threads, connections in the hub thread."""

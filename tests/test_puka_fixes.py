@@ -1,4 +1,4 @@
-"""Each fix of flask_nucleon_amqp._puka, proven against the real broker (defect numbers as in _puka)."""
+"""Each fix of flask_nucleon_amqp._puka and _puka_client, proven against the real broker (defect numbers as there)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from flask_nucleon_amqp import (
     Unroutable,
     _codec,
     _puka,
+    _puka_client,
 )
 
 from conftest import BROKER_HOST, BROKER_PORT, Names, make_app, wait_until
@@ -159,7 +160,7 @@ def test_methods_nobody_asked_for_are_dropped(conn: PukaConnection, names: Names
 
 
 def test_dead_client_raises_connection_broken_not_attribute_error() -> None:  # D12
-    client = _puka.FixedClient("127.0.0.1", 1, "guest", "guest", "/")
+    client = _puka_client.FixedClient("127.0.0.1", 1, "guest", "guest", "/")
     client.sd = None
     client.send_buf = None
     with pytest.raises(_puka.ConnectionBroken):
@@ -185,7 +186,7 @@ def test_body_framing_uses_views_of_the_body() -> None:  # D16
 def test_a_shared_publish_channel_fails_the_others_as_outcome_unknown(
         conn: PukaConnection, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:  # D23
     """Beyond the per-exchange channels, exchanges share one: a 404 there is not the others' NotFound."""
-    monkeypatch.setattr(_puka.FixedClient, "x_exchange_channel_limit", 0)
+    monkeypatch.setattr(_puka_client.FixedClient, "x_exchange_channel_limit", 0)
     queue, missing = names.queue(), names.exchange("absent")
     conn.queue_declare(queue)
     results: Queue = Queue()
