@@ -274,9 +274,10 @@ class _PukaSession(_BaseSession):
     def queued(self) -> None:
         """A publish was queued: note the buffer's high-water mark, and send it.
 
-        The first publish of a turn of the hub goes out at once (it does not wait
-        for the hub: latency); those after it go in one flush once the greenlet
-        yields (one send per batch).
+        On a quiet connection (this publish, and at most one other awaiting its
+        confirm) it goes out at once, not when the hub next runs callbacks:
+        latency. Otherwise, and for every later publish of the same turn, it
+        goes in one flush once the greenlet yields: one send per batch.
         """
         size = len(self.client.send_buf)
         stats = self.owner.stats
@@ -285,7 +286,7 @@ class _PukaSession(_BaseSession):
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.hub.loop.run_callback(self._flush)
-            if self.writer is None:
+            if self.writer is None and self.owner.pending <= 2:
                 self._write_some()
 
     def _flush(self) -> None:

@@ -333,8 +333,8 @@ def test_a_synchronous_consume_returns_before_its_callback_runs(conn: PukaConnec
         assert _seen_after_consume_returned(conn, queue) == [True, True, True]
 
 
-def test_the_first_publish_of_a_turn_is_sent_at_once_the_rest_in_one_batch(conn: PukaConnection,
-                                                                           names: Names) -> None:
+def test_a_quiet_connection_sends_a_publish_at_once_the_rest_of_the_turn_in_one_batch(
+        conn: PukaConnection, names: Names) -> None:
     queue = names.queue()
     conn.queue_declare(queue)
     conn.publish("", queue, b"0")  # opens the publish channel: publishes wait for nothing more
