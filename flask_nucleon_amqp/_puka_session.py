@@ -1,11 +1,13 @@
 """``_PukaSession``: one puka client on one socket, driven by its own I/O greenlet.
 
 The I/O greenlet is the only code that reads the socket; it sleeps on socket
-readiness through gevent's hub, never on a polling interval. Writes are
-flushed by one hub callback per batch (a writer greenlet waits for room when
-the kernel buffer is full); acks are coalesced into ``basic.ack(multiple)``;
-heartbeats and publish deadlines run on two hub timers. When the session
-ends, every waiter of the client gets an error and the owning
+readiness through gevent's hub, never on a polling interval (or, when it has
+just woken a consumer's greenlet, in that greenlet). Writes are flushed by
+one hub callback per batch (a publish on a quiet connection goes out at once;
+a writer greenlet waits for room when the kernel buffer is full); acks are
+coalesced into ``basic.ack(multiple)``; heartbeats and publish deadlines run
+on two hub timers. When the session ends, every waiter of the client gets an
+error and the owning
 :class:`~flask_nucleon_amqp.connection.PukaConnection` is told.
 """
 
