@@ -175,6 +175,8 @@ def test_example_app_urls_are_its_routes() -> None:
     finally:
         sys.path.remove(str(ROOT))
     app = create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://"})  # nothing written to the checkout
+    with app.app_context():  # its in-memory database's connection, closed now (not by the GC in a later test)
+        app.extensions["sqlalchemy"].engine.dispose()
     routes = app.url_map.bind("localhost")
     curls = [command for command in commands(EXAMPLE) if command.startswith("curl")]
     assert len(curls) == 3
