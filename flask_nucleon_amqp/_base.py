@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import gevent
 from gevent.event import AsyncResult, Event
+from greenlet import greenlet
 
 from . import _puka, signals
 from . import tracing as _tracing
@@ -58,6 +59,9 @@ from .signals import _emit
 __all__ = ["BaseConnection"]
 
 log = logging.getLogger(__name__)
+
+#: How long (seconds) a consumer's greenlet waits for more deliveries after its inbox empties.
+WORKER_LINGER = 1.0
 
 _Self = TypeVar("_Self", bound="BaseConnection[Any, Any]")
 
@@ -246,27 +250,56 @@ class BaseConnection(SessionLife[_ConsumerT, _SessionT], Publishing[_ConsumerT, 
         return current is self._dispatcher or any(c.worker is current for c in self._consumers.values())
 
     def _to_consumer(self, consumer: _ConsumerT, message: Message) -> None:
-        """Queue a delivery for its consumer's greenlet (started when it has none)."""
+        """Queue a delivery for its consumer's greenlet (woken, or started when it has none)."""
         consumer.inbox.append(message)
-        if consumer.worker is None:
+        if consumer.worker is None or consumer.parked:
             self._callbacks_running += 1
             self._idle.clear()
-            consumer.worker = gevent.spawn_raw(self._consumer_loop, consumer)  # the lightest greenlet gevent has
+            if consumer.worker is None:
+                # The lightest greenlet there is; it ends into the hub, like gevent.spawn_raw's.
+                consumer.worker = greenlet(self._consumer_loop, gevent.get_hub())
+            else:
+                consumer.parked = False
+                consumer.linger.stop()  # woken by us: the timer must not wake it too
+            self._start_worker(consumer.worker, consumer)
+
+    def _start_worker(self, worker: greenlet, consumer: _ConsumerT) -> None:
+        """Start or wake a consumer's greenlet once the current one yields (a transport may do it sooner)."""
+        worker.parent.loop.run_callback(worker.switch, consumer)
 
     def _consumer_loop(self, consumer: _ConsumerT) -> None:
-        """Run one consumer's callback for each of its deliveries, in order; end when there are none."""
+        """Run one consumer's callback for each of its deliveries, in order.
+
+        Once the inbox is empty the greenlet parks for up to ``WORKER_LINGER``
+        seconds, where the next delivery wakes it: a new greenlet for every
+        burst of deliveries costs more than the rest of the way to the callback.
+        """
         inbox = consumer.inbox
+        hub = gevent.get_hub()
+        linger = consumer.linger = hub.loop.timer(WORKER_LINGER, ref=False)
+        me = gevent.getcurrent()
         try:
-            while inbox:
-                message = inbox.popleft()
-                try:
-                    self._deliver(consumer, message)
-                except Exception:  # noqa: BLE001 - a failing callback must not stop the others
-                    self._log.exception("AMQP callback %r raised", consumer.callback)
+            while True:
+                while inbox:
+                    try:
+                        self._deliver(consumer, inbox.popleft())
+                    except Exception:  # noqa: BLE001 - a failing callback must not stop the others
+                        self._log.exception("AMQP callback %r raised", consumer.callback)
+                consumer.parked = True
+                self._callbacks_running -= 1
+                self._maybe_idle()
+                linger.start(me.switch)
+                hub.switch()  # back when _to_consumer wakes it (no longer parked) or the timer fires
+                if consumer.parked:
+                    return
         finally:
+            linger.stop()
             consumer.worker = None
-            self._callbacks_running -= 1
-            self._maybe_idle()
+            if consumer.parked:
+                consumer.parked = False
+            else:  # left while running (killed): it still counts as a running callback
+                self._callbacks_running -= 1
+                self._maybe_idle()
 
     # -- counting and signalling --------------------------------------------------------------------
     def _published(self, context: dict[str, str], body: bytes, properties: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, Generic, TypeVar
 
 from gevent.event import AsyncResult
+from greenlet import greenlet
 
 from .config import Node, PoolSettings
 from .message import Message
@@ -44,7 +45,10 @@ class _BaseConsumer:
         self.box: AsyncResult = AsyncResult()
         #: Deliveries waiting for the callback, and the greenlet running it (only while there are some).
         self.inbox: deque[Message] = deque()
-        self.worker: Any = None
+        self.worker: greenlet | None = None
+        #: True while the worker waits for deliveries (see ``WORKER_LINGER``); ``linger`` ends that wait.
+        self.parked = False
+        self.linger: Any = None
 
 
 class _BaseSession:

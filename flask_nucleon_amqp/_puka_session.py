@@ -1,11 +1,13 @@
 """``_PukaSession``: one puka client on one socket, driven by its own I/O greenlet.
 
 The I/O greenlet is the only code that reads the socket; it sleeps on socket
-readiness through gevent's hub, never on a polling interval. Writes are
-flushed by one hub callback per batch (a writer greenlet waits for room when
-the kernel buffer is full); acks are coalesced into ``basic.ack(multiple)``;
-heartbeats and publish deadlines run on two hub timers. When the session
-ends, every waiter of the client gets an error and the owning
+readiness through gevent's hub, never on a polling interval (or, when it has
+just woken a consumer's greenlet, in that greenlet). Writes are flushed by
+one hub callback per batch (a publish on a quiet connection goes out at once;
+a writer greenlet waits for room when the kernel buffer is full); acks are
+coalesced into ``basic.ack(multiple)``; heartbeats and publish deadlines run
+on two hub timers. When the session ends, every waiter of the client gets an
+error and the owning
 :class:`~flask_nucleon_amqp.connection.PukaConnection` is told.
 """
 
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.select
 from gevent.event import AsyncResult, Event
+from greenlet import greenlet
 from puka import spec as puka_spec
 
 from . import _puka
@@ -43,6 +46,12 @@ _CLIENT_PROPERTIES = {"product": "flask_nucleon_amqp", "platform": "Python/geven
 def _tls_failure(exc: BaseException) -> str:
     """Why the TLS handshake failed, without OpenSSL's source location (``(_ssl.c:1006)``)."""
     return "TLS handshake failed: " + re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc))
+
+
+def _callbacks_pending(loop: Any) -> bool:
+    """True when the gevent loop has callbacks queued (``run_callback``); when it cannot tell, True."""
+    callbacks = getattr(loop, "_callbacks", None)  # gevent's queue, on the libev and libuv loops alike
+    return callbacks is None or len(callbacks) > 0
 
 
 class _PukaSession(_BaseSession):
@@ -84,6 +93,8 @@ class _PukaSession(_BaseSession):
         #: Channels whose oldest delivery stays unsettled for thousands of others: acked one by one.
         self.uncoalesced: set[Any] = set()
         self.io: gevent.Greenlet | None = None
+        #: A consumer greenlet the I/O greenlet made and switches to when it next waits, with its consumer.
+        self.next_worker: tuple[greenlet, Any] | None = None
 
     def __repr__(self) -> str:
         return f"<_PukaSession {self.owner.settings.safe_url(self.node)} alive={self.alive}>"
@@ -163,7 +174,12 @@ class _PukaSession(_BaseSession):
             watcher = self.hub.loop.io(fd, _READ)
             read, hub_wait, monotonic = client.safe_read, self.hub.wait, time.monotonic
             while client.sd is not None:
-                hub_wait(watcher)
+                handed = self.next_worker
+                if handed is None:
+                    hub_wait(watcher)
+                else:
+                    self.next_worker = None
+                    self._wait_in_worker(watcher, *handed)
                 self.last_recv = monotonic()
                 read()
                 if client.promises.ready:
@@ -178,7 +194,29 @@ class _PukaSession(_BaseSession):
         finally:
             self._die()
 
+    def _wait_in_worker(self, watcher: Any, worker: greenlet, consumer: Any) -> None:
+        """Wait for the socket by switching to the consumer greenlet just made, not to the hub.
+
+        Its callback then runs at once, not after a turn of the hub's loop; the
+        greenlet still ends (or blocks) into the hub, which switches back here
+        when the socket is readable. When the hub has callbacks to run (a
+        ``consume()`` or a publisher this read woke up), they run first, as
+        they would have if the consumer greenlet were started through the hub.
+        """
+        if _callbacks_pending(self.hub.loop):
+            self.hub.loop.run_callback(worker.switch, consumer)
+            self.hub.wait(watcher)
+            return
+        watcher.start(gevent.getcurrent().switch)
+        try:
+            worker.switch(consumer)
+        finally:
+            watcher.stop()
+
     def _die(self) -> None:
+        handed, self.next_worker = self.next_worker, None
+        if handed is not None:  # never switched to: it still has deliveries to run
+            self.hub.loop.run_callback(handed[0].switch, handed[1])
         client = self.client
         if client.sd is not None:
             client.fail(_puka.ConnectionBroken(self.death_reason or "connection closed"))
@@ -236,7 +274,13 @@ class _PukaSession(_BaseSession):
             self.hub.loop.run_callback(self._flush)
 
     def queued(self) -> None:
-        """A publish was queued: note the buffer's high-water mark, and flush once the greenlet yields."""
+        """A publish was queued: note the buffer's high-water mark, and send it.
+
+        On a quiet connection (this publish, and at most one other awaiting its
+        confirm) it goes out at once, not when the hub next runs callbacks:
+        latency. Otherwise, and for every later publish of the same turn, it
+        goes in one flush once the greenlet yields: one send per batch.
+        """
         size = len(self.client.send_buf)
         stats = self.owner.stats
         if size > stats["buffer_peak"]:
@@ -244,6 +288,8 @@ class _PukaSession(_BaseSession):
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.hub.loop.run_callback(self._flush)
+            if self.writer is None and self.owner.pending <= 2:
+                self._write_some()
 
     def _flush(self) -> None:
         self.flush_scheduled = False

@@ -29,6 +29,7 @@ import gevent.select
 import gevent.socket
 from gevent.event import AsyncResult
 from gevent.hub import Waiter
+from greenlet import greenlet
 from puka import spec as puka_spec
 
 from . import _puka
@@ -411,6 +412,13 @@ class PukaConnection(BaseConnection[_PukaConsumer, _PukaSession]):
                 return
             self._cancel_one_shot(consumer, session)  # before any ack opens the prefetch window
         self._hand_over(consumer, message)
+
+    def _start_worker(self, worker: greenlet, consumer: _PukaConsumer) -> None:
+        session = consumer.session
+        if session is not None and session.next_worker is None and gevent.getcurrent() is session.io:
+            session.next_worker = (worker, consumer)  # the I/O greenlet switches to it when it next waits
+        else:
+            super()._start_worker(worker, consumer)
 
     def _cancel_one_shot(self, consumer: _PukaConsumer, session: _PukaSession) -> None:
         if not consumer.cancelled:

@@ -31,6 +31,7 @@ from flask_nucleon_amqp import (
     Timeout,
     Unroutable,
 )
+from flask_nucleon_amqp import _base as base_module
 from flask_nucleon_amqp import connection as connection_module
 
 from _proxy import Proxy
@@ -249,6 +250,125 @@ def test_callback_can_block_on_its_own_connection(conn: PukaConnection, names: N
     assert forwarded is not None and forwarded.body == b"ping!"
     forwarded.ack()
     conn.cancel(promise)
+
+
+def test_each_consumer_runs_in_a_greenlet_of_its_own_kept_between_bursts(conn: PukaConnection,
+                                                                          names: Names) -> None:
+    """Issue 8: never the I/O greenlet; one greenlet per consumer, in order, parked (not remade) between bursts."""
+    first, second = names.queue("a"), names.queue("b")
+    conn.queue_declare(first)
+    conn.queue_declare(second)
+    ran: dict[str, list[tuple[bytes, Any]]] = {"a": [], "b": []}
+
+    def recorder(key: str) -> Any:
+        def callback(_promise: int, message: Message) -> None:
+            ran[key].append((message.body, gevent.getcurrent()))
+            message.ack()
+        return callback
+
+    promises = [conn.consume(first, callback=recorder("a")), conn.consume(second, callback=recorder("b"))]
+    for i in range(3):  # three bursts, well within WORKER_LINGER of each other
+        conn.publish("", first, str(i))
+        conn.publish("", second, str(i))
+        assert wait_until(lambda count=i + 1: len(ran["a"]) == len(ran["b"]) == count)
+        gevent.sleep(0.05)
+    assert conn._session is not None
+    io = conn._session.io
+    ran_a, ran_b = {g for _, g in ran["a"]}, {g for _, g in ran["b"]}
+    assert [body for body, _ in ran["a"]] == [b"0", b"1", b"2"] == [body for body, _ in ran["b"]]
+    assert len(ran_a) == 1 and len(ran_b) == 1 and ran_a != ran_b  # one each, kept for the next burst
+    assert io not in ran_a | ran_b and gevent.getcurrent() not in ran_a | ran_b
+    for promise in promises:
+        conn.cancel(promise)
+
+
+def test_a_lingering_consumer_greenlet_ends_and_the_next_delivery_starts_another(
+        conn: PukaConnection, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base_module, "WORKER_LINGER", 0.05)
+    queue = names.queue()
+    conn.queue_declare(queue)
+    seen: list[Any] = []
+
+    def callback(_promise: int, message: Message) -> None:
+        seen.append(gevent.getcurrent())
+        message.ack()
+
+    promise = conn.consume(queue, callback=callback)
+    conn.publish("", queue, b"1")
+    assert wait_until(lambda: len(seen) == 1)
+    assert wait_until(lambda: seen[0].dead)  # nothing came within WORKER_LINGER: it ended
+    conn.publish("", queue, b"2")
+    assert wait_until(lambda: len(seen) == 2)
+    assert seen[1] is not seen[0]
+    conn.cancel(promise)
+    assert conn.queue_declare(queue, passive=True)["message_count"] == 0  # both acked
+
+
+def _seen_after_consume_returned(conn: PukaConnection, queue: str) -> list[bool]:
+    """Consume three messages (then requeue them); for each, whether consume() had returned when it arrived."""
+    returned: list[int] = []
+    seen: list[bool] = []
+    held: list[Message] = []
+
+    def callback(_promise: int, message: Message) -> None:
+        seen.append(bool(returned))
+        held.append(message)
+
+    promise = conn.consume(queue, callback=callback, prefetch_count=3)
+    returned.append(promise)
+    assert wait_until(lambda: len(seen) == 3)
+    conn.cancel(promise)
+    for message in held:
+        message.reject(requeue=True)
+    return seen
+
+
+def test_a_synchronous_consume_returns_before_its_callback_runs(conn: PukaConnection, names: Names) -> None:
+    """Deliveries read with consume-ok: the caller of consume() resumes first, then the consumer's greenlet."""
+    queue = names.queue()
+    conn.queue_declare(queue)
+    for i in range(3):
+        conn.publish("", queue, str(i))
+    for _ in range(3):  # a few consumes: consume-ok and the first deliveries usually come in one read
+        assert _seen_after_consume_returned(conn, queue) == [True, True, True]
+
+
+def test_a_quiet_connection_sends_a_publish_at_once_the_rest_of_the_turn_in_one_batch(
+        conn: PukaConnection, names: Names) -> None:
+    queue = names.queue()
+    conn.queue_declare(queue)
+    conn.publish("", queue, b"0")  # opens the publish channel: publishes wait for nothing more
+    session = conn._session
+    assert session is not None
+    outcomes: list[Any] = []
+    conn.publish("", queue, b"1", callback=lambda _p, result: outcomes.append(result))
+    assert not session.client.send_buf  # written before this greenlet yielded: no wait for the hub
+    for body in (b"2", b"3"):
+        conn.publish("", queue, body, callback=lambda _p, result: outcomes.append(result))
+    assert session.client.send_buf  # the rest of the turn waits for one flush
+    assert wait_until(lambda: outcomes == [{}, {}, {}])
+    assert conn.queue_declare(queue, passive=True)["message_count"] == 4
+
+
+def test_close_does_not_wait_for_a_parked_consumer_greenlet(names: Names) -> None:
+    app = make_app()
+    AMQP(app)
+    state = app.extensions["amqp"]
+    conn = state.get_amqp_pool().connection()
+    queue = names.queue()
+    conn.queue_declare(queue)
+    seen: list[bytes] = []
+
+    def callback(_promise: int, message: Message) -> None:
+        seen.append(message.body)
+        message.ack()
+
+    conn.consume(queue, callback=callback)
+    conn.publish("", queue, b"x")
+    assert wait_until(lambda: seen == [b"x"])
+    started = time.monotonic()
+    state.close(timeout=10)  # the consumer's greenlet waits for more: that is no callback running
+    assert time.monotonic() - started < base_module.WORKER_LINGER / 2
 
 
 def test_cancel_requeues_undelivered_and_keeps_held_ackable(conn: PukaConnection, names: Names) -> None:
