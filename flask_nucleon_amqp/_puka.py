@@ -211,11 +211,11 @@ def _pt_basic_return(pt: Any, result: Any) -> None:
 
     puka matched returns to publishes with an ``x-puka-delivery-tag`` header
     that every consumer then saw. RabbitMQ sends a message's basic.return
-    before the basic.ack that covers it, and returns in publish order; so the
-    held returns belong, in order, to mandatory publishes among those the next
-    ack settles: each is matched to the first such publish with the same
-    exchange, routing key and body (an earlier mandatory publish in the same
-    ack was routed, and is only confirmed late).
+    before the basic.ack that covers it, but confirms in any order; so a held
+    return belongs to a mandatory publish still in flight: when an ack settles
+    a publish, it takes the first held return with the same exchange, routing
+    key and body (a routed twin of a returned message cannot exist: the same
+    routing routes both alike).
     """
     pt.register(puka_spec.METHOD_BASIC_RETURN, _pt_basic_return)
     pt.x_returns.append(result)
@@ -234,16 +234,29 @@ def _settle_with_returns(pt: Any, tag: int, multiple: bool, failure: BaseExcepti
         tags = [tag] if tag in inflight else []
     for key in tags:
         pending = inflight.pop(key)
-        if returns and pending.returnable is not None and _is_return_of(returns[0], pending.returnable):
-            returned = returns.pop(0)
+        returned = _take_return_of(returns, pending.returnable)
+        if returned is not None:
             puka_exceptions.mark_frame(returned)
             pending.done(returned)
         else:
             _resolve(pending, failure)
-    if returns:  # of publishes no longer waited for (timed out): nothing to tell
-        log.debug("dropped %d basic.return(s) of publishes nobody waits for", len(returns))
-        returns.clear()
+    # A return stays held while its publish is in flight: confirms come in any order, so an earlier publish's
+    # ack may come between a return and the ack of its own publish. The rest are of publishes that timed out.
+    waited_for = [r for r in returns if any(_is_return_of(r, p.returnable) for p in inflight.values()
+                                            if p.returnable is not None)]
+    if len(waited_for) < len(returns):
+        log.debug("dropped %d basic.return(s) of publishes nobody waits for", len(returns) - len(waited_for))
+        returns[:] = waited_for
     pt.conn.note_confirms(len(tags), failure is None)
+
+
+def _take_return_of(returns: list[Any], sent: tuple[bytes, bytes, bytes] | None) -> Any:
+    """The first held return of a message like ``sent`` (removed from ``returns``), or None."""
+    if sent is not None:
+        for index, returned in enumerate(returns):
+            if _is_return_of(returned, sent):
+                return returns.pop(index)
+    return None
 
 
 def _is_return_of(returned: Any, sent: tuple[bytes, bytes, bytes]) -> bool:

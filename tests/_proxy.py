@@ -7,7 +7,7 @@ lets traffic flow again, ``cut()`` resets every live connection, and
 
 With ``rewrite=`` it reads what the broker sends frame by frame and passes
 each frame's payload through ``rewrite(frame_type, channel, payload)``
-(re-framed, so a payload may change length), and ``inject(data)`` sends raw
+(re-framed, so a payload may change length; None drops the frame), and ``inject(data)`` sends raw
 bytes to the clients between two frames: a broker that misbehaves on cue.
 """
 
@@ -23,8 +23,8 @@ import gevent.event
 import gevent.lock
 import gevent.socket
 
-#: rewrite(frame_type, channel, payload) -> payload to send instead.
-Rewrite = Callable[[int, int, bytes], bytes]
+#: rewrite(frame_type, channel, payload) -> payload to send instead, or None to drop the frame.
+Rewrite = Callable[[int, int, bytes], "bytes | None"]
 
 
 class Proxy:
@@ -83,7 +83,8 @@ class Proxy:
                     if len(pending) < 8 + size:
                         break
                     payload = rewrite(frame_type, channel, pending[7:7 + size])
-                    frames.append(struct.pack("!BHI", frame_type, channel, len(payload)) + payload + b"\xce")
+                    if payload is not None:
+                        frames.append(struct.pack("!BHI", frame_type, channel, len(payload)) + payload + b"\xce")
                     pending = pending[8 + size:]
                 with self._send_lock:
                     sink.sendall(b"".join(frames))

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from flask_nucleon_amqp import AMQP, PukaConnection, Unroutable, _codec, memory
 from flask_nucleon_amqp.memory import MemoryConnection
 
-from conftest import Names, make_app, wait_until
+from _proxy import Proxy
+from conftest import BROKER_HOST, BROKER_PORT, Names, make_app, wait_until
 
 UTC = datetime.timezone.utc
 
@@ -340,6 +341,60 @@ def test_many_concurrent_mandatory_publishes_each_get_their_own_outcome(
         _, headers = pika_get(pika_channel, queue)
         assert headers == {}
     assert conn.stats["lost"] == 0
+
+
+_BASIC_ACK = struct.pack(">HH", 60, 80)
+
+
+def test_a_return_waits_for_its_own_confirm_when_an_earlier_one_comes_between(names: Names) -> None:
+    """return(2), ack(1), ack(2): a broker may confirm a routed publish between another's return and its ack.
+
+    (RabbitMQ confirms in any order, individually when a lower tag is still unconfirmed.) The proxy holds
+    the broker's acks and sends them in exactly that order; the return must still reach publish 2.
+    """
+    acks: list[tuple[int, bytes]] = []
+
+    def hold_acks(frame_type: int, channel: int, payload: bytes) -> bytes | None:
+        if frame_type == 1 and channel and payload[:4] == _BASIC_ACK:
+            acks.append((channel, payload))
+            return None
+        return payload
+
+    proxy = Proxy((BROKER_HOST, BROKER_PORT), rewrite=hold_acks)
+    app = make_app(AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F")
+    AMQP(app)
+    state = app.extensions["amqp"]
+    exchange, queue = names.exchange(), names.queue()
+    try:
+        state.exchange_declare(exchange, "direct")
+        state.queue_declare(queue)
+        state.queue_bind(queue, exchange, "routed")
+        conn = state.connection()
+        outcomes: dict[str, gevent.event.AsyncResult] = {key: gevent.event.AsyncResult() for key in ("routed", "lost")}
+        for key in outcomes:  # tags 1 and 2 of the exchange's publish channel
+            conn.publish(exchange, key, b"m", mandatory=True,
+                         callback=lambda _promise, result, key=key: outcomes[key].set(result))
+        # Both confirmed by the broker (held here); the return of 2 went through.
+        def tags() -> set[int]:  # a multiple ack covers the tags below it
+            found = {struct.unpack_from(">Q", payload, 4)[0] for _channel, payload in acks}
+            if not found:
+                return found
+            return set(range(1, max(found) + 1)) if any(payload[12] & 1 for _c, payload in acks) else found
+        assert wait_until(lambda: tags() == {1, 2}, timeout=5), acks
+        gevent.sleep(0.2)
+        assert not any(result.ready() for result in outcomes.values())
+        channel = acks[-1][0]
+        for tag in (1, 2):
+            payload = _BASIC_ACK + struct.pack(">QB", tag, 0)
+            proxy.inject(struct.pack("!BHI", 1, channel, len(payload)) + payload + b"\xce")
+        assert outcomes["routed"].get(timeout=5) == {}
+        assert isinstance(outcomes["lost"].get(timeout=5), Unroutable)
+        assert state.queue_declare(queue, passive=True)["message_count"] == 1
+    finally:
+        state.queue_delete(queue)
+        state.exchange_delete(exchange)
+        state.close(timeout=5)
+        proxy.close()
 
 
 # -- generated tables, both directions -------------------------------------------------------------
