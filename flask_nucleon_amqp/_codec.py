@@ -126,15 +126,20 @@ def _table(table: dict[Any, Any], depth: int) -> bytes:
             raise _Refused(ValueError, f"key {name[:40]!r}... is {len(name)} bytes long; AMQP allows at most 255")
         append(_U8.pack(len(name)))
         append(name)
-        try:
-            _value(parts, value, depth)
-        except _Refused as exc:
-            exc.path.append(key)
-            raise
-        except UnicodeEncodeError as exc:
-            raise _unencodable(exc, key) from None
+        _value_at(parts, value, depth, key)
     data = b"".join(parts)
     return _U32.pack(len(data)) + data
+
+
+def _value_at(parts: list[bytes], value: Any, depth: int, step: str | int) -> None:
+    """Append a table's value or an array's item; a refusal names where it stands (the key or index)."""
+    try:
+        _value(parts, value, depth)
+    except _Refused as exc:
+        exc.path.append(step)
+        raise
+    except UnicodeEncodeError as exc:
+        raise _unencodable(exc, step) from None
 
 
 def _unencodable(exc: UnicodeEncodeError, step: Any) -> _Refused:
@@ -220,13 +225,7 @@ def _array(items: list[Any] | tuple[Any, ...], depth: int) -> bytes:
         raise _Refused(ValueError, f"nested deeper than {MAX_DEPTH} levels of tables and arrays")
     parts: list[bytes] = []
     for index, item in enumerate(items):
-        try:
-            _value(parts, item, depth)
-        except _Refused as exc:
-            exc.path.append(index)
-            raise
-        except UnicodeEncodeError as exc:
-            raise _unencodable(exc, index) from None
+        _value_at(parts, item, depth, index)
     data = b"".join(parts)
     return _HEAD_S.pack(b"A", len(data)) + data
 
